@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with mlsae and its test dependencies.
+# torch is pinned to the CPU wheel first; set MLSAE_TORCH to choose another build (e.g. "torch" for CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "${MLSAE_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "mlsae is installed in .venv: activate it with 'source .venv/bin/activate'"

@@ -1,0 +1,81 @@
+"""The ``mlsae`` command: one subcommand per stage, its flags generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import config as cfgmod
+from .errors import MlsaeError
+
+
+def _windows(cfg, model, split: Optional[str] = None):
+    from .text import iter_documents, pack_windows
+
+    docs = iter_documents(cfg.data, split or cfg.split, cfg.text_field)
+    return pack_windows(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos)
+
+
+def run_cache(cfg: cfgmod.CacheConfig) -> None:
+    from .activations import mb_per_1k_tokens, write_cache
+    from .model import load_model
+
+    model = load_model(cfg.model, cfg.model_dtype, cfg.device)
+    manifest = write_cache(
+        model,
+        _windows(cfg, model),
+        cfg.out,
+        cfg.tokens,
+        cfg.layers,
+        cfg.dtype,
+        cfg.shard_tokens,
+        cfg.windows_per_batch,
+        cfg.exclude_first_position,
+        cfg.overwrite,
+        extra={"data": cfg.data, "split": cfg.split, "prepend_bos": cfg.prepend_bos},
+    )
+    cfgmod.save_json(Path(cfg.out) / "config.json", cfgmod.to_dict(cfg))
+    rate = manifest["n_tokens"] / manifest["capture_seconds"]
+    size = mb_per_1k_tokens(len(manifest["layers"]), manifest["d_model"], cfg.dtype)
+    print(
+        f"wrote {manifest['n_tokens']:,} tokens x {len(manifest['layers'])} layers to {cfg.out} "
+        f"({rate:,.0f} tokens/s, {size:.2f} MB per 1k tokens as {cfg.dtype})"
+    )
+
+
+# name -> (config class, runner, one-line help)
+COMMANDS: dict[str, tuple[type, Callable, str]] = {
+    "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mlsae", description="Multi-layer sparse autoencoders on the residual stream of language models."
+    )
+    parser.add_argument("--version", action="version", version=f"mlsae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        cfgmod.add_arguments(p, cls)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cls, runner, _ = COMMANDS[args.command]
+    try:
+        runner(cfgmod.from_namespace(cls, args))
+    except MlsaeError as e:
+        print(f"mlsae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

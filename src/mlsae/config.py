@@ -1,0 +1,212 @@
+"""Every setting of the project, as dataclasses with one docstring line per field.
+
+The command line and each run's saved ``config.json`` are generated from these classes and
+nowhere else: the docstring under a field is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2"
+    """Causal LM: a hub id, a local folder, a .gguf file, or 'smollm2' for the offline SmolLM2-135M."""
+    layers: Optional[list[int]] = None
+    """Block indices whose outputs are captured (default: every block)."""
+    model_dtype: str = "float32"
+    """Precision the language model runs in: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """Torch device: cpu, cuda, cuda:N, or auto (cuda when available)."""
+
+
+@dataclass
+class DataConfig:
+    data: str = "builtin:pydocs"
+    """Text: a .txt/.jsonl/.parquet file or folder, a hub dataset id, or builtin:pydocs (offline)."""
+    split: str = "train"
+    """Dataset split, for hub datasets."""
+    text_field: str = "text"
+    """Name of the text column in .jsonl, .parquet and hub datasets."""
+    ctx: int = 2048
+    """Tokens per context window."""
+    prepend_bos: str = "auto"
+    """Start each window with BOS: auto (when the tokenizer adds one), always or never."""
+    exclude_first_position: bool = True
+    """Leave the first position of every window out of training and metrics (attention sink)."""
+    windows_per_batch: int = 8
+    """Context windows sent through the language model at once."""
+
+
+@dataclass
+class CacheConfig(ModelConfig, DataConfig):
+    tokens: int = 1_000_000
+    """Number of (non-excluded) token positions to capture."""
+    out: str = "activations"
+    """Folder the cache is written to."""
+    dtype: str = "float32"
+    """Storage precision of the cached activations: float32, float16 or bfloat16."""
+    shard_tokens: int = 65_536
+    """Token positions per shard file."""
+    overwrite: bool = False
+    """Replace an existing cache in the output folder."""
+
+
+@dataclass
+class SAEConfig:
+    arch: str = "mlsae"
+    """Arrangement of the sparse coder: mlsae (one dictionary for all layers) or per-layer."""
+    expansion_factor: int = 64
+    """Latents per input dimension (R = n_latents / d_model)."""
+    k: int = 32
+    """Active latents per example (TopK)."""
+    k_aux: Optional[int] = None
+    """Dead latents used by the AuxK loss (default: the power of 2 nearest d/2)."""
+    aux_coef: float = 1 / 32
+    """Weight alpha of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead when it has not fired at any layer within this many tokens."""
+    standardize: bool = True
+    """Standardise each input vector to zero mean and unit variance before encoding."""
+    loss_space: str = "standardized"
+    """Which FVU training minimises: standardized (inputs after standardising) or raw."""
+    decoder_impl: str = "auto"
+    """Sparse decode and encoder backward: auto, sparse (k rows per example) or dense."""
+
+
+@dataclass
+class TrainConfig(ModelConfig, DataConfig, SAEConfig):
+    cache: Optional[str] = None
+    """Read activations from this cache folder instead of running the model."""
+    tokens: int = 1_000_000_000
+    """Training tokens (each gives one example per layer)."""
+    tokens_per_step: int = 131_072
+    """Tokens per optimizer step (gradient accumulation over micro-batches)."""
+    micro_batch_tokens: int = 4096
+    """Tokens per forward/backward pass of the sparse coder."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon."""
+    seed: int = 0
+    """Random seed for initialisation and shuffling."""
+    checkpoint_tokens: int = 10_000_000
+    """Write a checkpoint every this many tokens."""
+    shuffle_buffer_mb: int = 512
+    """Memory for shuffling cached activations, in MB."""
+    out: str = "runs/mlsae"
+    """Run folder: config.json, checkpoints, metrics.jsonl."""
+    resume: bool = False
+    """Continue the run in the output folder from its last checkpoint."""
+    overwrite: bool = False
+    """Replace a different run already in the output folder."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs the wandb package)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Field docstrings, command-line generation and config.json
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of ``cls`` and its bases, read from the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field, typed from its annotation, helped by its docstring."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            parser.add_argument(flag, type=item, nargs="+", default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=f.default, help=help_text, metavar=f.name.upper())
+
+
+def from_namespace(cls: type, ns: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict):
+    """Build ``cls`` from a saved dict, ignoring keys that belong to other settings."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    """Write JSON atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def subset(cfg, cls: type):
+    """The fields of ``cfg`` that belong to ``cls`` (e.g. the ModelConfig part of a TrainConfig)."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "CacheConfig",
+    "SAEConfig",
+    "TrainConfig",
+    "add_arguments",
+    "from_namespace",
+    "from_dict",
+    "to_dict",
+    "save_json",
+    "subset",
+    "field_docs",
+]
