@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ class ActivationBatch:
 
     def to(self, device) -> "ActivationBatch":
         return ActivationBatch(self.acts.to(device), self.token_ids, self.window, self.position)
+
+    def take(self, index: Tensor) -> "ActivationBatch":
+        return ActivationBatch(self.acts[index], self.token_ids[index], self.window[index], self.position[index])
 
     def slice(self, start: int, stop: int) -> "ActivationBatch":
         return ActivationBatch(
@@ -241,48 +244,105 @@ class ActivationCache:
         r = torch.from_numpy(np.concatenate(rows).astype(np.int64))
         return ActivationBatch(a.float(), self.windows[r[:, 0], r[:, 1]], r[:, 0], r[:, 1])
 
-    def batches(
-        self,
-        batch_tokens: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        buffer_mb: int = 512,
-        start: int = 0,
-        stop: Optional[int] = None,
-    ) -> Iterator[ActivationBatch]:
-        """Batches of ``batch_tokens`` rows over rows ``[start, stop)``, optionally shuffled.
+    def buffers(self, seed: int = 0, buffer_mb: int = 512, buffer_rows: Optional[int] = None) -> Iterator["RowBuffer"]:
+        """The rows in a seeded random order, as buffers that fit in ``buffer_mb``.
 
-        Shuffling is two-level so memory stays bounded by ``buffer_mb``: the rows are cut
-        into blocks, the blocks are visited in a random order, and the rows of a buffer of
-        several blocks are permuted together. The order depends only on ``seed``.
+        Shuffling is two-level so memory stays bounded: the rows are cut into blocks, the
+        blocks are visited in a random order, and the rows of a buffer of several blocks are
+        permuted together. Nothing is read until a buffer is loaded.
         """
-        stop = len(self) if stop is None else min(stop, len(self))
-        order = np.arange(start, stop)
-        if not shuffle:
-            for i in range(0, len(order), batch_tokens):
-                yield self._read(order[i : i + batch_tokens])
-            return
         rng = np.random.default_rng(seed)
-        row_bytes = self.manifest["row_bytes"] * 4 // torch.tensor([], dtype=self.dtype).element_size()
-        buffer_rows = max(batch_tokens, buffer_mb * 2**20 // row_bytes)
+        if buffer_rows is None:
+            row_bytes = self.manifest["row_bytes"] * 4 // torch.tensor([], dtype=self.dtype).element_size()
+            buffer_rows = max(1, buffer_mb * 2**20 // row_bytes)
         block = max(1, buffer_rows // 16)
+        order = np.arange(len(self))
         blocks = [order[i : i + block] for i in range(0, len(order), block)]
         rng.shuffle(blocks)
         per_buffer = max(1, buffer_rows // block)
-        leftover: Optional[ActivationBatch] = None
         for b in range(0, len(blocks), per_buffer):
             index = np.sort(np.concatenate(blocks[b : b + per_buffer]))
-            data = self._read(index)
             perm = torch.from_numpy(rng.permutation(len(index)))
-            data = ActivationBatch(data.acts[perm], data.token_ids[perm], data.window[perm], data.position[perm])
-            if leftover is not None:
-                data = _merge([leftover, data])
-            full = len(data) - len(data) % batch_tokens
-            for i in range(0, full, batch_tokens):
-                yield data.slice(i, i + batch_tokens)
-            leftover = data.slice(full, len(data)) if full < len(data) else None
+            yield RowBuffer(len(index), lambda index=index, perm=perm: self._read(index).take(perm))
+
+    def batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0, buffer_mb: int = 512) -> Iterator[ActivationBatch]:
+        """Batches of ``batch_tokens`` rows (the last may be shorter), shuffled or in file order."""
+        if shuffle:
+            yield from rebatch(self.buffers(seed, buffer_mb), batch_tokens)
+            return
+        for i in range(0, len(self), batch_tokens):
+            yield self._read(np.arange(i, min(i + batch_tokens, len(self))))
+
+
+@dataclass
+class RowBuffer:
+    """A group of rows known by its size before it is loaded, so skipping costs nothing."""
+
+    n_rows: int
+    load: Callable[[], ActivationBatch]
+
+
+def rebatch(buffers: Iterable[RowBuffer], batch_tokens: int, skip_rows: int = 0, drop_last: bool = False) -> Iterator[ActivationBatch]:
+    """Cut the concatenation of the buffers into batches of ``batch_tokens`` rows.
+
+    The first ``skip_rows`` rows are skipped without loading whole buffers they cover, so a
+    resumed run sees exactly the batches an uninterrupted one would.
+    """
+    leftover: Optional[ActivationBatch] = None
+    for buf in buffers:
+        if skip_rows >= buf.n_rows:
+            skip_rows -= buf.n_rows
+            continue
+        data = buf.load()
+        if skip_rows:
+            data, skip_rows = data.slice(skip_rows, len(data)), 0
         if leftover is not None:
-            yield leftover
+            data = _merge([leftover, data])
+        full = len(data) - len(data) % batch_tokens
+        for i in range(0, full, batch_tokens):
+            yield data.slice(i, i + batch_tokens)
+        leftover = data.slice(full, len(data)) if full < len(data) else None
+    if leftover is not None and not drop_last:
+        yield leftover
+
+
+def live_buffers(
+    model: ResidualModel,
+    windows: Iterable[Tensor],
+    layers: Optional[Sequence[int]],
+    windows_per_buffer: int,
+    seed: int = 0,
+    windows_per_batch: int = 8,
+    exclude_first_position: bool = True,
+) -> Iterator[RowBuffer]:
+    """Buffers of ``windows_per_buffer`` windows, captured on load and permuted with a seeded order.
+
+    A buffer's size comes from the token ids alone, so skipped buffers never run the model.
+    """
+    special = special_token_ids(model.tokenizer)
+    group: list[Tensor] = []
+    first = 0
+
+    def make(group: list[Tensor], first: int, index: int) -> RowBuffer:
+        n_rows = int(keep_mask(torch.stack(group), special, exclude_first_position).sum())
+
+        def load() -> ActivationBatch:
+            parts = list(live_batches(model, group, layers, windows_per_batch, exclude_first_position))
+            data = _merge(parts)
+            data.window += first
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            return data.take(torch.randperm(len(data), generator=g))
+
+        return RowBuffer(n_rows, load)
+
+    index = 0
+    for w in windows:
+        group.append(w)
+        if len(group) == windows_per_buffer:
+            yield make(group, first, index)
+            first, index, group = first + len(group), index + 1, []
+    if group:
+        yield make(group, first, index)
 
 
 def mb_per_1k_tokens(n_layers: int, d_model: int, dtype: str) -> float:

@@ -45,9 +45,23 @@ def run_cache(cfg: cfgmod.CacheConfig) -> None:
     )
 
 
+def run_train(cfg: cfgmod.TrainConfig) -> None:
+    from .train import train
+
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    print(
+        f"trained {cfg.arch} on {result.get('tokens', 0):,} tokens: loss {result.get('loss', float('nan')):.4f}, "
+        f"FVU {result.get('fvu', float('nan')):.4f}, dead {100 * result.get('dead_fraction', 0):.1f}%; saved in {cfg.out}"
+    )
+
+
 # name -> (config class, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
+    "train": (cfgmod.TrainConfig, run_train, "Train a multi-layer (or per-layer) TopK sparse autoencoder."),
 }
 
 

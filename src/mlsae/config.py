@@ -157,15 +157,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if f.name in skip:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + (["-" + f.name] if len(f.name) == 1 else [])
         help_text = f"{docs.get(f.name, '')} (default: {f.default})"
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            parser.add_argument(flag, type=item, nargs="+", default=f.default, help=help_text)
+            parser.add_argument(*flags, type=item, nargs="+", default=f.default, help=help_text)
         else:
-            parser.add_argument(flag, type=tp, default=f.default, help=help_text, metavar=f.name.upper())
+            parser.add_argument(*flags, type=tp, default=f.default, help=help_text, metavar=f.name.upper())
 
 
 def from_namespace(cls: type, ns: argparse.Namespace):

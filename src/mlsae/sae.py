@@ -1,0 +1,341 @@
+"""The TopK sparse coder and its arrangements over layers.
+
+Equations are those of Lawson et al. (ICLR 2025), section 3:
+    h     = ReLU(TopK(W_enc (x - b_pre)))                       (eq. 1)
+    x_hat = W_dec h + b_pre                                     (eq. 2)
+    FVU   = ||x - x_hat||^2 / Var(x)                            (eq. 3), per layer, then averaged
+    AuxK  = ||e - e_hat||^2, e_hat from the k_aux top dead latents (eqs. 4-6), normalised like FVU
+    loss  = FVU + alpha * AuxK                                  (eq. 7)
+
+An arrangement decides how (token, layer) vectors meet dictionaries: ``mlsae`` sends every
+layer's vector through ONE dictionary, ``per-layer`` gives each layer its own. Arrangements
+are registered by name; the name is saved in ``config.json`` so loading picks the right class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .config import SAEConfig, from_dict, save_json, to_dict
+from .errors import MlsaeError
+from .kernels import resolve_impl, sparse_decode, topk_encode
+
+ARRANGEMENTS: dict[str, type["SparseCoder"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.arch = name
+        ARRANGEMENTS[name] = cls
+        return cls
+
+    return wrap
+
+
+def default_k_aux(d: int) -> int:
+    """The power of 2 nearest d/2 (Gao et al. 2024, as in Lawson et al. section 3.2)."""
+    return 2 ** max(0, round(math.log2(max(d / 2, 1))))
+
+
+def standardize(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero mean, unit variance over the last dimension; returns (x_std, mean, std) to undo it."""
+    mean = x.mean(-1, keepdim=True)
+    std = (x.var(-1, keepdim=True, correction=0) + eps).sqrt()
+    return (x - mean) / std, mean, std
+
+
+def fvu_per_layer(x: Tensor, x_hat: Tensor) -> Tensor:
+    """``x, x_hat: [tokens, layers, d]`` -> ``[layers]``: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    err = (x - x_hat).pow(2).sum(dim=(0, 2))
+    var = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    return err / var.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+@dataclass
+class CoderOutput:
+    x_hat: Tensor  # [tokens, layers, d], in the input's own (raw) units
+    top_acts: Tensor  # [tokens, layers, k]
+    top_idx: Tensor  # [tokens, layers, k] latent index within that layer's dictionary
+    fvu: Tensor  # [layers] in the loss space
+    auxk: Tensor  # [layers] in the loss space (zero where no latent is dead)
+    loss: Tensor  # scalar: mean FVU + alpha * mean AuxK
+
+
+class TopK(nn.Module):
+    """One dictionary: encoder, unit-norm decoder rows, tied pre-encoder / post-decoder bias."""
+
+    def __init__(self, d: int, n_latents: int, k: int, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        bound = 1 / math.sqrt(d)
+        w = torch.empty(n_latents, d).uniform_(-bound, bound, generator=generator)
+        self.W_enc = nn.Parameter(w.clone())
+        self.W_dec = nn.Parameter(w / w.norm(dim=1, keepdim=True))
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.register_buffer("b_enc", torch.zeros(n_latents))  # eq. 1 has no encoder bias
+        self.k = k
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_enc.shape[0]
+
+    def encode(self, x: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``x: [M, d]`` -> (top_acts [M, k], top_idx [M, k], pre-activations [M, n] detached)."""
+        return topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl)
+
+    def decode(self, top_acts: Tensor, top_idx: Tensor, impl: str) -> Tensor:
+        return sparse_decode(top_acts, top_idx, self.W_dec, impl) + self.b_pre
+
+    def auxk_reconstruction(self, x: Tensor, dead: Tensor, k_aux: int, impl: str) -> Optional[Tensor]:
+        """e_hat of eqs. 5-6: decode the k_aux largest pre-activations among the dead latents.
+
+        Only the dead rows of W_enc are multiplied, so the cost follows the number of dead latents.
+        """
+        dead_idx = dead.nonzero().squeeze(1)
+        if dead_idx.numel() == 0:
+            return None
+        pre = (x - self.b_pre) @ self.W_enc[dead_idx].T + self.b_enc[dead_idx]  # [M, n_dead]
+        vals, chosen = pre.topk(min(k_aux, dead_idx.numel()), dim=1)
+        return self.decode(torch.relu(vals), dead_idx[chosen], impl)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Keep only the gradient component orthogonal to each (unit) decoder row."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+
+class SparseCoder(nn.Module):
+    """Base of the arrangements: input ``[tokens, layers, d]``, one output per (token, layer)."""
+
+    arch: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
+        super().__init__()
+        if cfg.expansion_factor <= 0:
+            raise MlsaeError(f"expansion_factor {cfg.expansion_factor}: expected a positive integer")
+        if cfg.k <= 0:
+            raise MlsaeError(f"k {cfg.k}: expected a positive integer")
+        n_latents = cfg.expansion_factor * d_model
+        if cfg.k > n_latents:
+            raise MlsaeError(f"k {cfg.k} is larger than the number of latents ({n_latents} = {cfg.expansion_factor} x {d_model})")
+        if cfg.loss_space not in ("standardized", "raw"):
+            raise MlsaeError(f"loss_space {cfg.loss_space!r}: expected standardized or raw")
+        self.cfg = cfg
+        self.d_model = d_model
+        self.layers = list(layers)
+        self.n_latents = n_latents
+        self.k_aux = cfg.k_aux or default_k_aux(d_model)
+        self.impl = resolve_impl(cfg.decoder_impl)
+
+    # Subclasses provide these three.
+    def dictionaries(self) -> list[TopK]:
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of the per-latent bookkeeping (dead tracking): one entry per latent."""
+        raise NotImplementedError
+
+    def _code(self, x: Tensor, dead: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Standardised ``x: [tokens, layers, d]`` -> (x_hat, top_acts, top_idx, e_hat, aux_layers).
+
+        e_hat is None when no latent is dead; aux_layers ([layers] bool, or None for all) says
+        at which layers e_hat is meaningful.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, dead: Optional[Tensor] = None) -> CoderOutput:
+        if x.dim() != 3 or x.shape[1:] != (len(self.layers), self.d_model):
+            raise MlsaeError(f"input of shape {tuple(x.shape)}: expected [tokens, {len(self.layers)}, {self.d_model}]")
+        if self.cfg.standardize:
+            x_in, mean, std = standardize(x)
+        else:
+            x_in, mean, std = x, torch.zeros_like(x[..., :1]), torch.ones_like(x[..., :1])
+        x_hat_std, top_acts, top_idx, e_hat, aux_layers = self._code(x_in, dead)
+        x_hat = x_hat_std * std + mean
+        if self.cfg.loss_space == "standardized":
+            target, recon = x_in, x_hat_std
+        else:
+            target, recon = x, x_hat
+        fvu = fvu_per_layer(target, recon)
+        if e_hat is None:
+            auxk = torch.zeros_like(fvu)
+        else:
+            e = (x_in - x_hat_std).detach()
+            if self.cfg.loss_space == "raw":
+                e, e_hat = e * std, e_hat * std
+            auxk = fvu_per_layer_error(e, e_hat, target)
+            if aux_layers is not None:
+                auxk = auxk * aux_layers
+        loss = fvu.mean() + self.cfg.aux_coef * auxk.mean()
+        return CoderOutput(x_hat, top_acts, top_idx, fvu, auxk, loss)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        for d in self.dictionaries():
+            d.normalize_decoder()
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        for d in self.dictionaries():
+            d.remove_parallel_grads()
+
+    def fired(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
+        """Bool ``latent_shape``: which latents were active (> 0) anywhere in this batch."""
+        out = torch.zeros(self.latent_shape(), dtype=torch.bool, device=top_acts.device)
+        active = top_acts > 0
+        if len(self.latent_shape()) == 1:
+            out[top_idx[active]] = True
+        else:  # per layer: top_idx [tokens, layers, k]
+            layer = torch.arange(top_idx.shape[1], device=top_idx.device)[None, :, None].expand_as(top_idx)
+            out[layer[active], top_idx[active]] = True
+        return out
+
+
+def fvu_per_layer_error(e: Tensor, e_hat: Tensor, x: Tensor) -> Tensor:
+    """AuxK per layer: sum ||e - e_hat||^2 normalised by the same variance of x as the FVU."""
+    err = (e - e_hat).pow(2).sum(dim=(0, 2))
+    var = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    return err / var.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+@register("mlsae")
+class MultiLayerSAE(SparseCoder):
+    """ONE dictionary for every layer: each (token, layer) vector is its own example."""
+
+    def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
+        super().__init__(cfg, d_model, layers, seed)
+        g = torch.Generator().manual_seed(seed)
+        self.sae = TopK(d_model, self.n_latents, cfg.k, g)
+
+    def dictionaries(self) -> list[TopK]:
+        return [self.sae]
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.n_latents,)
+
+    def _code(self, x, dead):
+        n, n_layers, d = x.shape
+        flat = x.reshape(n * n_layers, d)
+        top_acts, top_idx, _ = self.sae.encode(flat, self.impl)
+        x_hat = self.sae.decode(top_acts, top_idx, self.impl)
+        e_hat = None if dead is None else self.sae.auxk_reconstruction(flat, dead, self.k_aux, self.impl)
+        shape = (n, n_layers, -1)
+        return (
+            x_hat.view(shape),
+            top_acts.view(shape),
+            top_idx.view(shape),
+            None if e_hat is None else e_hat.view(shape),
+            None,
+        )
+
+
+@register("per-layer")
+class PerLayerSAEs(SparseCoder):
+    """One independent dictionary per layer: the single-layer baseline, trained side by side."""
+
+    def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
+        super().__init__(cfg, d_model, layers, seed)
+        g = torch.Generator().manual_seed(seed)
+        self.saes = nn.ModuleList(TopK(d_model, self.n_latents, cfg.k, g) for _ in layers)
+
+    def dictionaries(self) -> list[TopK]:
+        return list(self.saes)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (len(self.layers), self.n_latents)
+
+    def _code(self, x, dead):
+        x_hats, acts, idxs, e_hats = [], [], [], []
+        for i, sae in enumerate(self.saes):
+            top_acts, top_idx, _ = sae.encode(x[:, i], self.impl)
+            x_hats.append(sae.decode(top_acts, top_idx, self.impl))
+            acts.append(top_acts)
+            idxs.append(top_idx)
+            e_hats.append(None if dead is None else sae.auxk_reconstruction(x[:, i], dead[i], self.k_aux, self.impl))
+        x_hat, top_acts, top_idx = (torch.stack(t, 1) for t in (x_hats, acts, idxs))
+        if all(e is None for e in e_hats):
+            return x_hat, top_acts, top_idx, None, None
+        aux_layers = torch.tensor([e is not None for e in e_hats], device=x.device)
+        e_hat = torch.stack([torch.zeros_like(x[:, 0]) if e is None else e for e in e_hats], 1)
+        return x_hat, top_acts, top_idx, e_hat, aux_layers
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading: config.json + sae.safetensors
+
+
+def save_coder(
+    coder: SparseCoder, folder: str | Path, model_name: str, model_fingerprint: str, extra: Optional[dict] = None
+) -> None:
+    """Write the coder; each file goes to a temporary name first, then is renamed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "sae.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in coder.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "sae.safetensors")
+    save_json(
+        folder / "config.json",
+        {
+            "mlsae_version": __version__,
+            "sae": to_dict(coder.cfg),
+            "d_model": coder.d_model,
+            "layers": coder.layers,
+            "n_latents": coder.n_latents,
+            "model": model_name,
+            "model_fingerprint": model_fingerprint,
+            **(extra or {}),
+        },
+    )
+
+
+def read_coder_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MlsaeError(f"{folder} holds no config.json (expected a trained sparse coder)")
+    meta = json.loads(path.read_text())
+    if "sae" not in meta or "layers" not in meta:
+        raise MlsaeError(f"{path} is not a sparse-coder config (no 'sae' settings)")
+    return meta
+
+
+def load_coder(
+    folder: str | Path,
+    model_fingerprint: Optional[str] = None,
+    arch: Optional[str] = None,
+    device: str | torch.device = "cpu",
+) -> tuple[SparseCoder, dict]:
+    """Load a saved coder, refusing one trained on another model or of another arrangement."""
+    meta = read_coder_config(folder)
+    cfg = from_dict(SAEConfig, meta["sae"])
+    if cfg.arch not in ARRANGEMENTS:
+        raise MlsaeError(f"{folder}: arrangement {cfg.arch!r} is unknown; known: {', '.join(ARRANGEMENTS)}")
+    if arch is not None and cfg.arch != arch:
+        raise MlsaeError(f"{folder} holds a {cfg.arch} coder, not {arch}")
+    if model_fingerprint is not None and meta["model_fingerprint"] != model_fingerprint:
+        raise MlsaeError(f"{folder} was trained on another model ({meta['model']}, fingerprint {meta['model_fingerprint']})")
+    coder = ARRANGEMENTS[cfg.arch](cfg, meta["d_model"], meta["layers"])
+    weights = Path(folder) / "sae.safetensors"
+    if not weights.is_file():
+        raise MlsaeError(f"{folder} holds no sae.safetensors")
+    state = load_file(str(weights))
+    expected = coder.state_dict()
+    for name, tensor in expected.items():
+        if name not in state or state[name].shape != tensor.shape:
+            got = tuple(state[name].shape) if name in state else "missing"
+            raise MlsaeError(f"{weights}: tensor {name} is {got}, expected {tuple(tensor.shape)}")
+    coder.load_state_dict(state)
+    return coder.to(device), meta

@@ -1,0 +1,254 @@
+"""The training loop: losses, dead-latent tracking, decoder normalisation, checkpoints, resume.
+
+A run folder holds ``config.json`` (the sparse coder's settings, the model it reads and the
+training settings), ``sae.safetensors`` (the final coder), ``metrics.jsonl`` and
+``checkpoint/`` (coder, optimizer and counters, for an exact ``--resume``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
+from .config import DataConfig, SAEConfig, TrainConfig, save_json, subset, to_dict
+from .errors import MlsaeError
+from .model import ResidualModel, load_model, resolve_device
+from .sae import ARRANGEMENTS, SparseCoder, load_coder, read_coder_config, save_coder
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights and optimizer that a resumed run needs."""
+
+    step: int = 0
+    tokens: int = 0
+    tokens_since_fired: Optional[torch.Tensor] = None  # [latent_shape] int64
+
+
+def _data_windows(data: DataConfig, tokenizer) -> Iterator[torch.Tensor]:
+    from .text import iter_documents, pack_windows
+
+    docs = iter_documents(data.data, data.split, data.text_field)
+    return pack_windows(docs, tokenizer, data.ctx, data.prepend_bos)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: Optional[ResidualModel] = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self._check_settings()
+        self.cache = ActivationCache(cfg.cache) if cfg.cache else None
+        if self.cache is not None:
+            if cfg.layers is not None:
+                self.cache.check_matches(layers=sorted(cfg.layers))
+            self.layers = self.cache.layers
+            self.d_model = self.cache.manifest["d_model"]
+            self.model_name = self.cache.manifest["model"]
+            self.fingerprint = self.cache.manifest["model_fingerprint"]
+            self.model = None
+        else:
+            self.model = model or load_model(cfg.model, cfg.model_dtype, cfg.device)
+            self.layers = self.model.check_layers(cfg.layers)
+            self.d_model = self.model.d_model
+            self.model_name = self.model.name
+            self.fingerprint = self.model.fingerprint()
+        if cfg.arch not in ARRANGEMENTS:
+            raise MlsaeError(f"arch {cfg.arch!r}: expected one of {', '.join(ARRANGEMENTS)}")
+        self.coder: SparseCoder = ARRANGEMENTS[cfg.arch](subset(cfg, SAEConfig), self.d_model, self.layers, cfg.seed)
+        self.coder.to(self.device)
+        self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.state = TrainState(tokens_since_fired=torch.zeros(self.coder.latent_shape(), dtype=torch.long, device=self.device))
+        self._prepare_folder()
+
+    # ---------------------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        c = self.cfg
+        for name in ("tokens", "tokens_per_step", "micro_batch_tokens", "checkpoint_tokens"):
+            if getattr(c, name) <= 0:
+                raise MlsaeError(f"{name} {getattr(c, name)}: expected a positive number")
+        if c.lr <= 0:
+            raise MlsaeError(f"lr {c.lr}: expected a positive learning rate")
+        micro = min(c.micro_batch_tokens, c.tokens_per_step)
+        if c.tokens_per_step % micro:
+            raise MlsaeError(
+                f"tokens_per_step {c.tokens_per_step} is not a multiple of micro_batch_tokens {c.micro_batch_tokens}"
+            )
+        self.micro = micro
+
+    def _run_meta(self) -> dict:
+        return {"train": to_dict(self.cfg)}
+
+    def _prepare_folder(self) -> None:
+        existing = self.out / "config.json"
+        if existing.exists() and not (self.cfg.resume or self.cfg.overwrite):
+            raise MlsaeError(f"output folder {self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if self.cfg.resume:
+            self._resume()
+            return
+        if self.cfg.overwrite and self.out.exists():
+            for name in ("config.json", "sae.safetensors", "metrics.jsonl", "checkpoint", "checkpoint.old"):
+                p = self.out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints: written to checkpoint.tmp, then swapped in; the previous one survives a crash.
+
+    def save_checkpoint(self) -> None:
+        tmp, final, old = (self.out / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_coder(self.coder, tmp, self.model_name, self.fingerprint, self._run_meta())
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.state.step,
+                "tokens": self.state.tokens,
+                "tokens_since_fired": self.state.tokens_since_fired.cpu(),
+            },
+            tmp / "trainer.pt",
+        )
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> None:
+        folder = next((self.out / n for n in ("checkpoint", "checkpoint.old") if (self.out / n / "trainer.pt").exists()), None)
+        if folder is None:
+            raise MlsaeError(f"--resume: {self.out} holds no checkpoint to resume from")
+        saved = read_coder_config(folder)
+        if saved["sae"]["arch"] != self.cfg.arch:
+            raise MlsaeError(f"--resume: {self.out} holds a {saved['sae']['arch']} run, not {self.cfg.arch}")
+        coder, _ = load_coder(folder, model_fingerprint=self.fingerprint, arch=self.cfg.arch, device=self.device)
+        if saved["layers"] != self.layers or saved["sae"] != to_dict(self.coder.cfg):
+            raise MlsaeError(f"--resume: the settings differ from those of the run in {self.out} (see its config.json)")
+        self.coder.load_state_dict(coder.state_dict())
+        state = torch.load(folder / "trainer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state = TrainState(state["step"], state["tokens"], state["tokens_since_fired"].to(self.device))
+
+    # ---------------------------------------------------------------------------------------
+    def _buffers(self) -> Iterator[RowBuffer]:
+        """Every epoch's buffers, one epoch after another (seed + epoch shuffles each)."""
+        cfg = self.cfg
+        for epoch in itertools.count():
+            seed = cfg.seed + epoch
+            if self.cache is not None:
+                yield from self.cache.buffers(seed, cfg.shuffle_buffer_mb)
+            else:
+                row_bytes = len(self.layers) * self.d_model * 4
+                windows_per_buffer = max(1, cfg.shuffle_buffer_mb * 2**20 // (row_bytes * cfg.ctx))
+                windows = _data_windows(subset(cfg, DataConfig), self.model.tokenizer)
+                yield from live_buffers(
+                    self.model, windows, self.layers, windows_per_buffer, seed, cfg.windows_per_batch, cfg.exclude_first_position
+                )
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        micro_per_step = cfg.tokens_per_step // self.micro
+        batches = rebatch(self._buffers(), self.micro, skip_rows=self.state.tokens, drop_last=True)
+        metrics_file = open(self.out / "metrics.jsonl", "a")
+        wandb_run = _start_wandb(cfg) if cfg.wandb else None
+        bar = tqdm(total=cfg.tokens, initial=self.state.tokens, unit="tok", desc=f"train {cfg.arch}", smoothing=0.05)
+        next_checkpoint = (self.state.tokens // cfg.checkpoint_tokens + 1) * cfg.checkpoint_tokens
+        started, start_tokens = time.perf_counter(), self.state.tokens
+        last: dict = {}
+        try:
+            while self.state.tokens < cfg.tokens:
+                micro_batches = list(itertools.islice(batches, micro_per_step))
+                if not micro_batches:
+                    raise MlsaeError("the activation source produced no data")
+                last = self._step(micro_batches)
+                elapsed = time.perf_counter() - started
+                last["tokens_per_s"] = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                if wandb_run is not None:
+                    wandb_run.log(last, step=self.state.step)
+                bar.update(last["step_tokens"])
+                bar.set_postfix(loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.4f}", dead=f"{100 * last['dead_fraction']:.1f}%")
+                if self.state.tokens >= next_checkpoint:
+                    self.save_checkpoint()
+                    next_checkpoint += cfg.checkpoint_tokens
+        except KeyboardInterrupt:
+            bar.close()
+            self.save_checkpoint()
+            print(f"\ninterrupted: saved a checkpoint at {self.state.tokens:,} tokens; continue with --resume")
+            raise
+        finally:
+            bar.close()
+            metrics_file.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+        self.save_checkpoint()
+        save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
+        return last
+
+    def _step(self, micro_batches: list[ActivationBatch]) -> dict:
+        cfg, coder = self.cfg, self.coder
+        step_tokens = sum(len(b) for b in micro_batches)
+        dead = self.state.tokens_since_fired >= cfg.dead_tokens
+        # Updated on a copy so that an interruption mid-step leaves the state of the last full step.
+        since_fired = self.state.tokens_since_fired.clone()
+        totals = {"loss": 0.0, "fvu": torch.zeros(len(self.layers)), "auxk": torch.zeros(len(self.layers))}
+        for batch in micro_batches:
+            x = batch.acts.to(self.device, torch.float32)
+            check_finite(x, f"step {self.state.step}", self.layers)
+            out = coder(x, dead)
+            if not torch.isfinite(out.loss):
+                raise MlsaeError(f"step {self.state.step}: the loss became {out.loss.item()}; the last good checkpoint is kept")
+            weight = len(batch) / step_tokens
+            (out.loss * weight).backward()
+            totals["loss"] += out.loss.item() * weight
+            totals["fvu"] += out.fvu.detach().cpu() * weight
+            totals["auxk"] += out.auxk.detach().cpu() * weight
+            fired = coder.fired(out.top_acts.detach(), out.top_idx)
+            # A latent's clock counts tokens: it resets where the latent fired in this micro-batch.
+            since_fired += len(batch)
+            since_fired[fired] = 0
+        coder.remove_parallel_grads()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        coder.normalize_decoder()
+        self.state.step += 1
+        self.state.tokens += step_tokens
+        self.state.tokens_since_fired = since_fired
+        dead_now = since_fired >= cfg.dead_tokens
+        return {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "step_tokens": step_tokens,
+            "loss": totals["loss"],
+            "fvu": float(totals["fvu"].mean()),
+            "auxk": float(totals["auxk"].mean()),
+            "fvu_per_layer": [round(float(v), 5) for v in totals["fvu"]],
+            "dead_fraction": float(dead_now.float().mean()),
+        }
+
+
+def _start_wandb(cfg: TrainConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise MlsaeError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project="mlsae", config=to_dict(cfg), name=Path(cfg.out).name)
+
+
+def train(cfg: TrainConfig, model: Optional[ResidualModel] = None) -> dict:
+    """Train a sparse coder as ``cfg`` says; returns the last step's metrics."""
+    trainer = Trainer(cfg, model)
+    result = trainer.train()
+    save_json(trainer.out / "train_summary.json", result)
+    return result

@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from mlsae.activations import write_cache
+from mlsae.config import TrainConfig
+from mlsae.errors import MlsaeError
+from mlsae.text import pack_windows
+from mlsae.train import Trainer, train
+
+TEXT = [f"Sample {i}: the cat sat on the mat while {i * 7} dogs barked loudly." for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", n_layers=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("cache")
+    write_cache(tiny, pack_windows(TEXT, tiny.tokenizer, 32), folder / "c", tokens=1500, shard_tokens=400)
+    return folder / "c"
+
+
+def cfg(out, cache=None, **kw):
+    base = dict(
+        out=str(out), cache=str(cache) if cache else None, data="unused", expansion_factor=2, k=4,
+        tokens=960, tokens_per_step=64, micro_batch_tokens=32, lr=3e-3, checkpoint_tokens=320,
+        device="cpu", shuffle_buffer_mb=1, ctx=32, decoder_impl="sparse",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(folder):
+    return load_file(str(folder / "sae.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["mlsae", "per-layer"])
+def test_training_from_cache_lowers_the_loss_and_writes_a_run(tmp_path, cache_dir, arch):
+    result = train(cfg(tmp_path / "run", cache_dir, arch=arch, tokens=1280))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1280 // 64 and lines[-1]["tokens"] == 1280 == result["tokens"]
+    assert np.mean([l["fvu"] for l in lines[-3:]]) < 0.8 * np.mean([l["fvu"] for l in lines[:3]])
+    assert len(lines[0]["fvu_per_layer"]) == 3
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["sae"]["arch"] == arch and saved["layers"] == [0, 1, 2] and saved["train"]["tokens"] == 1280
+    w = weights(tmp_path / "run")
+    dec = [v for k, v in w.items() if k.endswith("W_dec")]
+    for d in dec:
+        torch.testing.assert_close(d.norm(dim=1), torch.ones(d.shape[0]))
+
+
+def test_training_live_from_the_model(tmp_path, tiny):
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT))
+    result = train(cfg(tmp_path / "run", data=str(tmp_path / "t.jsonl"), tokens=320), model=tiny)
+    assert result["tokens"] == 320 and result["fvu"] < 1.5
+
+
+def test_resume_is_bit_identical(tmp_path, cache_dir):
+    train(cfg(tmp_path / "full", cache_dir))
+    train(cfg(tmp_path / "half", cache_dir, tokens=448))  # stops mid-epoch, between checkpoints
+    train(cfg(tmp_path / "half", cache_dir, resume=True))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(l) for l in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 16))
+
+
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
+    train(cfg(tmp_path / "full", cache_dir))
+    trainer = Trainer(cfg(tmp_path / "run", cache_dir))
+    real_step = trainer._step
+
+    def interrupt_at_step_5(batches):
+        if trainer.state.step == 5:
+            raise KeyboardInterrupt
+        return real_step(batches)
+
+    monkeypatch.setattr(trainer, "_step", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["step"] == 5 and state["tokens"] == 320
+    train(cfg(tmp_path / "run", cache_dir, resume=True))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dead_latents_are_counted_in_tokens(tmp_path, cache_dir):
+    trainer = Trainer(cfg(tmp_path / "run", cache_dir, dead_tokens=100, expansion_factor=8, k=1))
+    batch = next(iter(trainer.cache.batches(32, shuffle=False)))
+    fired_before = trainer.state.tokens_since_fired.clone()
+    trainer._step([batch, batch])
+    since = trainer.state.tokens_since_fired
+    # two micro-batches of 32 tokens (x 3 layers): a latent that never fired has waited 64 tokens
+    with torch.no_grad():
+        out = trainer.coder(batch.acts)
+    never = since == 64
+    assert (fired_before == 0).all() and never.any() and (since <= 64).all()
+    assert not never[out.top_idx.flatten()].all()
+    trainer._step([batch])
+    assert not (trainer.state.tokens_since_fired >= 100).any()  # 96 tokens at most: none dead yet
+    trainer._step([batch])  # 128 >= 100 tokens without firing: dead
+    since = trainer.state.tokens_since_fired
+    dead = since >= 100
+    assert dead.any() and (since[dead] == 128).all()
+    with torch.no_grad():
+        out = trainer.coder(batch.acts)
+    assert (since[out.top_idx[out.top_acts > 0]] == 0).all()  # fired in the last micro-batch
+
+
+def test_refuses_an_existing_run_and_bad_settings(tmp_path, cache_dir):
+    train(cfg(tmp_path / "run", cache_dir, tokens=64))
+    with pytest.raises(MlsaeError, match="already holds a run; pass --resume to continue it or --overwrite"):
+        train(cfg(tmp_path / "run", cache_dir, tokens=64))
+    with pytest.raises(MlsaeError, match="holds a mlsae run, not per-layer"):
+        train(cfg(tmp_path / "run", cache_dir, arch="per-layer", resume=True))
+    train(cfg(tmp_path / "run", cache_dir, tokens=64, arch="per-layer", overwrite=True))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sae"]["arch"] == "per-layer"
+    with pytest.raises(MlsaeError, match="holds no checkpoint to resume from"):
+        train(cfg(tmp_path / "new", cache_dir, resume=True))
+    with pytest.raises(MlsaeError, match="is not a multiple of micro_batch_tokens"):
+        train(cfg(tmp_path / "x", cache_dir, tokens_per_step=48, micro_batch_tokens=32))
+    with pytest.raises(MlsaeError, match="holds layers"):
+        train(cfg(tmp_path / "y", cache_dir, layers=[0, 1]))
+
+
+def test_nan_activations_stop_and_keep_the_last_checkpoint(tmp_path, cache_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(cache_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    shard = manifest["shards"][-1]
+    arr = np.memmap(bad / shard["acts"], dtype=np.float32, mode="r+", shape=(shard["n"], 3, 32))
+    arr[:, 2, 0] = np.nan
+    arr.flush()
+    train(cfg(tmp_path / "run", cache_dir, tokens=320))  # a good run with a checkpoint at 320 tokens
+    with pytest.raises(MlsaeError, match=r"step \d+: NaN or inf activations at layer 2"):
+        train(cfg(tmp_path / "run", bad, checkpoint_tokens=64, tokens=1500, resume=True))
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["tokens"] >= 320
+    load_file(str(tmp_path / "run" / "checkpoint" / "sae.safetensors"))  # intact
