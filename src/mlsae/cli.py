@@ -58,10 +58,46 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
     )
 
 
+def run_eval(cfg: cfgmod.EvalConfig) -> None:
+    from .evaluate import compare, evaluate, format_table
+
+    runs = [cfg.run] + list(cfg.compare or [])
+    names = [Path(r).name for r in runs]
+    if len(set(names)) != len(names):
+        names = [str(r) for r in runs]
+    model = None
+    if cfg.downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file():
+        from .model import load_model
+        from .sae import read_coder_config
+
+        model = load_model(read_coder_config(cfg.run)["model"], device=cfg.device)
+    tables = {}
+    for name, run in zip(names, runs):
+        out = Path(cfg.out) / Path(run).name if cfg.out and len(runs) > 1 else cfg.out
+        print(f"evaluating {run}")
+        tables[name] = evaluate(
+            run, cfg.data, cfg.tokens, cfg.downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
+            cfg.batch_tokens, out,
+        )
+        shown = [c for c in ("layer", "fvu", "fvu_standardized", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl",
+                             "loss_recovered_zero") if c in tables[name].column_names]
+        print(format_table(tables[name], shown))
+    if len(runs) > 1:
+        import pyarrow.parquet as pq
+
+        table = compare(tables)
+        folder = Path(cfg.out) if cfg.out else Path(cfg.run)
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / "compare.parquet")
+        print(format_table(table))
+        print(f"comparison written to {folder / 'compare.parquet'}")
+
+
 # name -> (config class, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
     "train": (cfgmod.TrainConfig, run_train, "Train a multi-layer (or per-layer) TopK sparse autoencoder."),
+    "eval": (cfgmod.EvalConfig, run_eval, "Evaluate runs per layer: FVU, L0, L1, dead latents, delta CE, KL."),
 }
 
 

@@ -116,6 +116,35 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
     """Also log metrics to Weights & Biases (needs the wandb package)."""
 
 
+@dataclass
+class EvalConfig:
+    run: str = ""
+    """Run folder of a trained sparse coder."""
+    data: str = "builtin:pydocs"
+    """Held-out text (file, folder, hub dataset id or builtin:pydocs) or an activation cache folder."""
+    split: str = "test"
+    """Dataset split, for hub datasets and builtin:pydocs."""
+    tokens: int = 20_000
+    """Tokens for the reconstruction metrics (FVU, MSE, L0, L1, dead fraction)."""
+    downstream_tokens: int = 4_000
+    """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them."""
+    ctx: Optional[int] = None
+    """Context length (default: the run's)."""
+    layers: Optional[list[int]] = None
+    """Evaluate only these layers (default: every layer of the run)."""
+    compare: Optional[list[str]] = None
+    """Other run folders to evaluate on the same text and show side by side."""
+    out: Optional[str] = None
+    """Folder for eval.parquet and eval.json (default: inside each run folder)."""
+    device: str = "auto"
+    """Torch device: cpu, cuda, cuda:N, or auto."""
+    batch_tokens: int = 4096
+    """Tokens per batch through the model and the coder."""
+
+
+POSITIONAL = {"run"}
+"""Fields given as positional arguments on the command line."""
+
 # --------------------------------------------------------------------------------------------
 # Field docstrings, command-line generation and config.json
 
@@ -157,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if f.name in skip:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
+        if f.name in POSITIONAL:
+            parser.add_argument(f.name, metavar=f.name.upper(), help=docs.get(f.name, ""))
+            continue
         flags = ["--" + f.name.replace("_", "-")] + (["-" + f.name] if len(f.name) == 1 else [])
         help_text = f"{docs.get(f.name, '')} (default: {f.default})"
         if tp is bool:
@@ -202,6 +234,7 @@ __all__ = [
     "CacheConfig",
     "SAEConfig",
     "TrainConfig",
+    "EvalConfig",
     "add_arguments",
     "from_namespace",
     "from_dict",

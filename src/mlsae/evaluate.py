@@ -1,0 +1,365 @@
+"""Evaluation per layer and averaged over layers, on held-out text (Lawson et al. Table 1).
+
+Reconstruction metrics (cheap) and downstream metrics (costly: the rest of the model runs once
+per layer and per variant) take separate token budgets. The downstream pass splices ONE layer
+at a time, starting from the clean run's residual at that layer, so the logits of only one
+variant are ever held in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .activations import ActivationCache, check_finite, live_batches
+from .config import DataConfig, from_dict, save_json
+from .errors import MlsaeError
+from .model import ResidualModel, load_model, resolve_device, special_token_ids
+from .sae import SparseCoder, load_coder, read_coder_config, standardize
+from .text import iter_documents, keep_mask, pack_windows
+
+
+@dataclass
+class RunSpec:
+    """A trained run: its coder, the model it reads and the data settings it was trained with."""
+
+    folder: Path
+    coder: SparseCoder
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def open_run(folder: str | Path, device: str | torch.device = "cpu") -> RunSpec:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MlsaeError(f"run folder {folder} does not exist")
+    read_coder_config(folder)
+    if not (folder / "sae.safetensors").is_file():
+        raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
+    coder, meta = load_coder(folder, device=device)
+    coder.eval()
+    return RunSpec(folder, coder, meta)
+
+
+def _check_layers(run: RunSpec, layers: Optional[Sequence[int]]) -> list[int]:
+    if layers is None:
+        return list(run.coder.layers)
+    extra = sorted(set(layers) - set(run.coder.layers))
+    if extra:
+        raise MlsaeError(f"layer {extra[0]} was not trained in {run.folder} (its layers: {run.coder.layers})")
+    return sorted(set(layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction metrics, accumulated in float64 over batches
+
+
+@dataclass
+class ReconstructionStats:
+    n_layers: int
+    n_latents: int
+    per_layer_dictionaries: bool
+    count: int = 0
+    sums: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        L = self.n_layers
+        self.sums = {
+            "x": z(L, 0), "x_std": z(L, 0),  # per-layer sum of vectors (sized on first batch)
+            "sq": z(L), "sq_std": z(L),  # sum ||x||^2
+            "err": z(L), "err_std": z(L),  # sum ||x - x_hat||^2
+            "l0": z(L), "l1": z(L),
+        }
+        self.fired = torch.zeros(L, self.n_latents, dtype=torch.bool)
+
+    def update(self, x: Tensor, x_hat: Tensor, top_acts: Tensor, top_idx: Tensor) -> None:
+        """x, x_hat: [tokens, layers, d] raw; top_acts/top_idx: [tokens, layers, k]."""
+        x, x_hat = x.double(), x_hat.double()
+        xs, mean, std = standardize(x)
+        xs_hat = (x_hat - mean) / std
+        s = self.sums
+        if s["x"].shape[1] == 0:
+            s["x"] = torch.zeros(self.n_layers, x.shape[-1], dtype=torch.float64)
+            s["x_std"] = torch.zeros_like(s["x"])
+        s["x"] += x.sum(0)
+        s["x_std"] += xs.sum(0)
+        s["sq"] += x.pow(2).sum((0, 2))
+        s["sq_std"] += xs.pow(2).sum((0, 2))
+        s["err"] += (x - x_hat).pow(2).sum((0, 2))
+        s["err_std"] += (xs - xs_hat).pow(2).sum((0, 2))
+        active = top_acts > 0
+        s["l0"] += active.sum((0, 2)).double()
+        s["l1"] += top_acts.double().sum((0, 2))
+        layer = torch.arange(self.n_layers)[None, :, None].expand_as(top_idx)
+        self.fired[layer[active].cpu(), top_idx[active].cpu()] = True
+        self.count += x.shape[0]
+
+    def table(self) -> dict[str, list]:
+        s, n = self.sums, max(self.count, 1)
+        var = s["sq"] - s["x"].pow(2).sum(1) / n  # sum ||x - mean||^2
+        var_std = s["sq_std"] - s["x_std"].pow(2).sum(1) / n
+        d = s["x"].shape[1] or 1
+        dead = 1 - self.fired.double().mean(1)
+        cols = {
+            "fvu": (s["err"] / var).tolist(),
+            "fvu_standardized": (s["err_std"] / var_std).tolist(),
+            "mse": (s["err"] / (n * d)).tolist(),
+            "l0": (s["l0"] / n).tolist(),
+            "l1": (s["l1"] / n).tolist(),
+            "dead_fraction": dead.tolist(),
+        }
+        means = {k: sum(v) / len(v) for k, v in cols.items()}
+        if not self.per_layer_dictionaries:  # one dictionary: dead means silent at every layer
+            means["dead_fraction"] = float(1 - self.fired.any(0).double().mean())
+        return {k: v + [means[k]] for k, v in cols.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream metrics: splice one layer at a time
+
+
+def _next_token_logp(logits: Tensor) -> Tensor:
+    """Log-probabilities of the next token at every position but the last."""
+    return torch.log_softmax(logits[:, :-1].float(), -1)
+
+
+def _ce_kl(logp: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> tuple[float, float, int]:
+    """Summed next-token CE and KL(clean || this) over the positions that count."""
+    m = mask[:, :-1]
+    ce = -logp.gather(-1, targets[..., None]).squeeze(-1)[m].sum()
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)[m].sum()
+    return float(ce), float(kl), int(m.sum())
+
+
+def downstream(
+    model: ResidualModel,
+    coder: SparseCoder,
+    windows: Sequence[Tensor],
+    layers: Sequence[int],
+    layer_means: Tensor,
+    exclude_first_position: bool,
+    windows_per_batch: int,
+    progress: bool = True,
+) -> dict[str, list]:
+    """CE, delta CE, KL and loss recovered per layer, for spliced, zero- and mean-ablated residuals.
+
+    Only positions that count are replaced (the first position and special tokens keep their
+    clean residual: a coder is not trained on them); CE and KL are averaged over the positions
+    that count, predicting the next token.
+    """
+    device = model.device
+    special = special_token_ids(model.tokenizer)
+    col = [coder.layers.index(l) for l in layers]
+    sums = {key: torch.zeros(len(layers), dtype=torch.float64) for key in ("ce", "kl", "ce_zero", "kl_zero", "ce_mean", "kl_mean")}
+    ce_clean, count = 0.0, 0
+    batches = [torch.stack(list(windows[i : i + windows_per_batch])) for i in range(0, len(windows), windows_per_batch)]
+    bar = tqdm(total=len(batches) * len(layers), desc="downstream (layers x batches)", disable=not progress)
+    for ids in batches:
+        ids = ids.to(device)
+        keep = keep_mask(ids, special, exclude_first_position)
+        resid = model.capture(ids, coder.layers)  # [batch, pos, layers, d]
+        with torch.no_grad():
+            recon = torch.zeros_like(resid)
+            recon[keep] = coder(resid[keep].float()).x_hat.to(resid.dtype)
+        clean_logp = _next_token_logp(model.logits(ids))
+        targets = ids[:, 1:]
+        c, _, n = _ce_kl(clean_logp, clean_logp, targets, keep)
+        ce_clean += c
+        count += n
+        for j, (layer, ci) in enumerate(zip(layers, col)):
+            variants = {
+                "": recon[:, :, ci],
+                "_zero": torch.zeros_like(resid[:, :, ci]),
+                "_mean": layer_means[ci].to(resid.dtype).expand_as(resid[:, :, ci]),
+            }
+            for suffix, replacement in variants.items():
+                spliced = torch.where(keep[..., None], replacement, resid[:, :, ci])
+                logp = _next_token_logp(model.logits_from(layer, spliced, ids))
+                ce, kl, _ = _ce_kl(logp, clean_logp, targets, keep)
+                del logp
+                sums["ce" + suffix][j] += ce
+                sums["kl" + suffix][j] += kl
+            bar.update(1)
+    bar.close()
+    if count == 0:
+        raise MlsaeError("downstream evaluation saw no positions that count; use more tokens or a longer context")
+    ce_clean /= count
+    out = {k: (v / count).tolist() for k, v in sums.items()}
+    out["ce_clean"] = [ce_clean] * len(layers)
+    out["delta_ce"] = [v - ce_clean for v in out["ce"]]
+    for kind in ("zero", "mean"):
+        out[f"loss_recovered_{kind}"] = [
+            (a - s) / (a - ce_clean) if abs(a - ce_clean) > 1e-12 else None for a, s in zip(out[f"ce_{kind}"], out["ce"])
+        ]
+    for k, v in out.items():
+        vals = [x for x in v if x is not None]
+        v.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The whole evaluation of one run
+
+
+def _eval_windows(run: RunSpec, model: ResidualModel, data: str, split: str, ctx: Optional[int]) -> tuple[Iterator[Tensor], DataConfig]:
+    trained = from_dict(DataConfig, run.meta.get("train", {}))
+    cfg = DataConfig(**{**trained.__dict__, "data": data, "split": split, "ctx": ctx or trained.ctx})
+    docs = iter_documents(cfg.data, cfg.split, cfg.text_field)
+    return pack_windows(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos), cfg
+
+
+def evaluate(
+    run_dir: str | Path,
+    data: str,
+    tokens: int = 20_000,
+    downstream_tokens: int = 4_000,
+    split: str = "test",
+    ctx: Optional[int] = None,
+    layers: Optional[Sequence[int]] = None,
+    model: Optional[ResidualModel] = None,
+    device: str = "auto",
+    batch_tokens: int = 4096,
+    out: Optional[str | Path] = None,
+    progress: bool = True,
+) -> pa.Table:
+    """Evaluate a run; writes ``eval.parquet`` and ``eval.json`` into ``out`` (default: the run)."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    run = open_run(run_dir, dev)
+    layers = _check_layers(run, layers)
+    trained_on = run.meta["model_fingerprint"]
+    cache = None
+    if Path(data).is_dir() and (Path(data) / "manifest.json").is_file():
+        cache = ActivationCache(data)
+        if cache.manifest["model_fingerprint"] != trained_on:
+            raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
+        cache.check_matches(layers=run.coder.layers)
+    if model is None and (downstream_tokens > 0 or cache is None):
+        model = load_model(cache.manifest["model"] if cache else run.meta["model"], device=str(dev))
+    if model is not None and model.fingerprint() != trained_on:
+        raise MlsaeError(f"model {model.name} is not the model {run_dir} was trained on ({run.meta['model']})")
+    excl = run.meta.get("train", {}).get("exclude_first_position", True)
+    stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_shape() != (run.coder.n_latents,))
+    windows: list[Tensor] = []
+    layer_sum = torch.zeros(len(run.coder.layers), run.coder.d_model, dtype=torch.float64)
+
+    if cache is not None:
+        source = cache.batches(batch_tokens, shuffle=False)
+        windows = list(cache.windows)
+    else:
+        win_iter, data_cfg = _eval_windows(run, model, data, split, ctx)
+
+        def recorded() -> Iterator[Tensor]:
+            for w in win_iter:
+                windows.append(w)
+                yield w
+
+        per_batch = max(1, batch_tokens // data_cfg.ctx)
+        source = live_batches(model, recorded(), run.coder.layers, per_batch, excl)
+    bar = tqdm(total=tokens, unit="tok", desc="reconstruction", disable=not progress)
+    for batch in source:
+        batch = batch.slice(0, tokens - stats.count)
+        x = batch.acts.to(dev, torch.float32)
+        check_finite(x, "evaluation data", run.coder.layers)
+        with torch.no_grad():
+            o = run.coder(x)
+        stats.update(x.cpu(), o.x_hat.cpu(), o.top_acts.cpu(), o.top_idx.cpu())
+        layer_sum += x.double().sum(0).cpu()
+        bar.update(len(batch))
+        if stats.count >= tokens:
+            break
+    bar.close()
+    if stats.count == 0:
+        raise MlsaeError(f"evaluation data {data} gave no tokens")
+    recon = stats.table()
+    sel = [run.coder.layers.index(l) for l in layers] + [len(run.coder.layers)]
+    columns: dict[str, list] = {"layer": [str(l) for l in layers] + ["mean"]}
+    for k, v in recon.items():
+        columns[k] = [v[i] for i in sel]
+    if len(layers) != len(run.coder.layers):  # the mean over the selected layers only
+        for k in recon:
+            vals = columns[k][:-1]
+            columns[k][-1] = sum(vals) / len(vals)
+    ds_seconds = 0.0
+    if downstream_tokens > 0:
+        ds_started = time.perf_counter()
+        special = special_token_ids(model.tokenizer)
+        chosen, counted = [], 0
+        for w in windows:
+            if counted >= downstream_tokens:
+                break
+            chosen.append(w)
+            counted += int(keep_mask(w[None], special, excl).sum())
+        ctx_len = int(chosen[0].shape[0])
+        ds = downstream(model, run.coder, chosen, layers, (layer_sum / stats.count).float().to(dev), excl,
+                        max(1, batch_tokens // ctx_len // 2), progress)
+        columns.update(ds)
+        ds_seconds = time.perf_counter() - ds_started
+    table = pa.table(columns)
+    out = Path(out) if out else run.folder
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "eval.parquet")
+    summary = {
+        "run": str(run.folder),
+        "data": data,
+        "tokens": stats.count,
+        "downstream_tokens": downstream_tokens,
+        "seconds": time.perf_counter() - started,
+        "downstream_seconds": ds_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "fvu_minimised_in_training": run.coder.cfg.loss_space,
+    }
+    save_json(out / "eval.json", summary)
+    return table
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_table(table: pa.Table, columns: Optional[Sequence[str]] = None) -> str:
+    """A plain fixed-width text table."""
+    cols = columns or table.column_names
+    rows = [[_fmt(v) for v in table.column(c).to_pylist()] for c in cols]
+    widths = [max(len(c), *(len(v) for v in r)) for c, r in zip(cols, rows)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    for i in range(table.num_rows):
+        lines.append("  ".join(r[i].rjust(w) for r, w in zip(rows, widths)))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def compare(tables: dict[str, pa.Table], columns: Sequence[str] = ("fvu", "delta_ce", "kl", "l0")) -> pa.Table:
+    """Side by side, per layer: one column per (metric, run)."""
+    first = next(iter(tables.values()))
+    out = {"layer": first.column("layer").to_pylist()}
+    for metric in columns:
+        for name, t in tables.items():
+            if metric in t.column_names:
+                if t.column("layer").to_pylist() != out["layer"]:
+                    raise MlsaeError(f"runs evaluated on different layers cannot be compared ({name})")
+                out[f"{metric}[{name}]"] = t.column(metric).to_pylist()
+    return pa.table(out)
+
