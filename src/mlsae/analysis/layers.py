@@ -1,0 +1,214 @@
+"""Layer distribution of every latent (Lawson et al. 2025, Sec. 4.2-4.3, Figs. 2-4).
+
+For latent i, p_i(l) is proportional to the sum of its activations at layer l. We report its
+mean and variance over l (AGGREGATED over all tokens), and the PER-TOKEN variance: for each
+token where i fires at >= 1 layer, the variance over layers of that token's activations
+(normalised to sum to 1 for that token), averaged over those tokens only (tokens where it is
+inactive are not counted as zeros). Their ratio is the paper's headline number.
+
+Conventions:
+- l is the ACTUAL layer number (from ``layers``), not its index among the captured layers.
+- ``shared_dictionary=True`` (MLSAE): ``top_idx`` is one global latent index at every layer.
+  ``False`` (per-layer SAE bank): each layer has its own dictionary, so latent (layer, i) is
+  a separate latent that lives at one layer by construction (variances 0, ratio null).
+- A latent that never fires in the analysed tokens is "dead": its statistics are null.
+- ``variance_ratio`` is null when the latent is dead or its per-token variance is 0 (the
+  ratio is undefined or infinite there); no table ever holds NaN or inf.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from ._checks import check_codes, check_count, check_layers, fail, float_column, maybe
+
+
+class LayerDistribution:
+    """Streaming per-latent layer statistics from sparse codes ``[tokens, layers, k]``."""
+
+    def __init__(
+        self,
+        n_latents: int,
+        layers: Sequence[int],
+        shared_dictionary: bool = True,
+        device: str | torch.device = "cpu",
+    ):
+        self.n_latents = check_count("n_latents", n_latents)
+        self.layers = check_layers(layers)
+        self.shared = bool(shared_dictionary)
+        L = len(self.layers)
+        self.n_total = self.n_latents * (1 if self.shared else L)  # rows of the per-latent state
+        dev = self.device = torch.device(device)
+        f64 = dict(dtype=torch.float64, device=dev)
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.layer_value = torch.tensor(self.layers, **f64)  # [L] actual layer numbers
+        # aggregated, per (latent, layer)
+        self.act_sum = torch.zeros(self.n_total, L, **f64)  # sum of activations
+        self.fire_count = torch.zeros(self.n_total, L, **i64)  # number of (token) firings
+        # per token, summed over the tokens where the latent fires
+        self.n_tokens = torch.zeros(self.n_total, **i64)  # tokens where it fires at >= 1 layer
+        self.pt_var_sum = torch.zeros(self.n_total, **f64)  # sum of per-token variances
+        self.pt_layers_sum = torch.zeros(self.n_total, **i64)  # sum of #layers active per token
+        self.pt_multi = torch.zeros(self.n_total, **i64)  # tokens where it fires at > 1 layer
+        self.pt_hist = torch.zeros(L + 1, **i64)  # (token, latent) pairs by #layers active
+        self.token_frac_sum = 0.0  # sum over tokens of the fraction of its latents at > 1 layer
+        self.tokens_with_codes = 0
+        self.tokens_seen = 0
+
+    def update(self, top_acts: Tensor, top_idx: Tensor) -> None:
+        """``top_acts: [tokens, layers, k]`` (>= 0, 0 = inactive), ``top_idx``: latent indices."""
+        check_codes(top_acts, top_idx, self.n_latents, len(self.layers))
+        top_acts, top_idx = top_acts.to(self.device), top_idx.to(self.device)
+        T, L, _ = top_acts.shape
+        self.tokens_seen += T
+        active = top_acts > 0
+        tok, lpos, _ = active.nonzero(as_tuple=True)  # [N] each: the active entries
+        if tok.numel() == 0:
+            return
+        a = top_acts[active].double()  # [N]
+        lat = top_idx[active].long()  # [N]
+        if not self.shared:
+            lat = lpos * self.n_latents + lat
+        cell = lat * L + lpos
+        self.act_sum.view(-1).index_add_(0, cell, a)
+        self.fire_count.view(-1).add_(torch.bincount(cell, minlength=self.n_total * L))
+
+        # Per-(token, latent) sums via one sort of the keys token * n_total + latent.
+        keys, inv = torch.unique(tok * self.n_total + lat, return_inverse=True)  # [P], [N]
+        P = keys.numel()
+        lv = self.layer_value[lpos]  # [N]
+        s0 = torch.zeros(P, dtype=torch.float64, device=self.device).index_add_(0, inv, a)
+        mean = torch.zeros_like(s0).index_add_(0, inv, a * lv) / s0  # [P] per-token mean layer
+        dev = lv - mean[inv]
+        var = torch.zeros_like(s0).index_add_(0, inv, a * dev * dev) / s0  # [P] per-token variance
+        n_layers = torch.bincount(inv, minlength=P)  # [P] layers active (TopK indices are distinct)
+        var[n_layers == 1] = 0.0  # exact, not a rounding residue
+        pair_lat, pair_tok = keys % self.n_total, keys // self.n_total
+        multi = n_layers > 1
+
+        self.n_tokens.add_(torch.bincount(pair_lat, minlength=self.n_total))
+        self.pt_var_sum.index_add_(0, pair_lat, var)
+        self.pt_layers_sum.index_add_(0, pair_lat, n_layers)
+        self.pt_multi.add_(torch.bincount(pair_lat[multi], minlength=self.n_total))
+        self.pt_hist.add_(torch.bincount(n_layers.clamp(max=L), minlength=L + 1))
+        per_tok = torch.bincount(pair_tok, minlength=T)
+        per_tok_multi = torch.bincount(pair_tok[multi], minlength=T)
+        has = per_tok > 0
+        self.token_frac_sum += float((per_tok_multi[has] / per_tok[has]).sum())
+        self.tokens_with_codes += int(has.sum())
+
+    # ---- derived per-latent statistics (tensors; NaN marks undefined, never written to tables)
+
+    def probabilities(self) -> Tensor:
+        """``[latents, layers]`` aggregated p_i(l); rows of dead latents are all 0."""
+        total = self.act_sum.sum(1, keepdim=True)
+        return torch.where(total > 0, self.act_sum / total.clamp_min(1e-300), torch.zeros_like(self.act_sum))
+
+    def mean_layer(self) -> Tensor:
+        """``[latents]`` aggregated mean layer number; NaN for dead latents."""
+        p = self.probabilities()
+        return torch.where(self.n_tokens > 0, p @ self.layer_value, torch.full_like(p[:, 0], float("nan")))
+
+    def _stats(self) -> dict[str, np.ndarray]:
+        p = self.probabilities()
+        live = self.n_tokens > 0
+        mean = p @ self.layer_value
+        agg_var = (p * (self.layer_value[None, :] - mean[:, None]) ** 2).sum(1)
+        n = self.n_tokens.clamp_min(1).double()
+        pt_var = self.pt_var_sum / n
+        out = dict(
+            live=live, mean=mean, agg_var=agg_var, pt_var=pt_var,
+            ratio=agg_var / pt_var.where(pt_var > 0, torch.ones_like(pt_var)),
+            ratio_ok=live & (pt_var > 0),
+            layers_agg=(self.act_sum > 0).sum(1),
+            layers_pt=self.pt_layers_sum / n,
+            multi_frac=self.pt_multi / n,
+        )
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def result(self) -> dict[str, pa.Table]:
+        """Tables ``latents``, ``layer_distribution`` and ``n_layers`` (columns in the README of the API)."""
+        s = self._stats()
+        live = s["live"]
+        L = len(self.layers)
+        ids = np.arange(self.n_total)
+        latent = ids % self.n_latents
+        if self.shared:
+            dict_layer = pa.nulls(self.n_total, pa.int64())
+        else:
+            dict_layer = pa.array(np.asarray(self.layers, dtype=np.int64)[ids // self.n_latents])
+        act_total = self.act_sum.sum(1).cpu().numpy()
+        latents = pa.table({
+            "latent": pa.array(latent, pa.int64()),
+            "dictionary_layer": dict_layer,
+            "dead": pa.array(~live),
+            "n_tokens": pa.array(self.n_tokens.cpu().numpy(), pa.int64()),
+            "n_firings": pa.array(self.fire_count.sum(1).cpu().numpy(), pa.int64()),
+            "activation_sum": pa.array(act_total, pa.float64()),
+            "mean_layer": float_column(s["mean"], live),
+            "aggregated_variance": float_column(s["agg_var"], live),
+            "per_token_variance": float_column(s["pt_var"], live),
+            "variance_ratio": float_column(s["ratio"], s["ratio_ok"]),
+            "n_layers_active": pa.array(s["layers_agg"], pa.int64()),
+            "mean_layers_per_token": float_column(s["layers_pt"], live),
+            "multi_layer_token_fraction": float_column(s["multi_frac"], live),
+        })
+
+        fires = self.fire_count.cpu().numpy()
+        row, col = np.nonzero(fires)  # only (latent, layer) cells where it fired
+        probs = self.probabilities().cpu().numpy()
+        distribution = pa.table({
+            "latent": pa.array(row % self.n_latents, pa.int64()),
+            "dictionary_layer": dict_layer.take(pa.array(row)) if not self.shared else pa.nulls(len(row), pa.int64()),
+            "layer": pa.array(np.asarray(self.layers, dtype=np.int64)[col]),
+            "activation_sum": pa.array(self.act_sum.cpu().numpy()[row, col], pa.float64()),
+            "probability": pa.array(probs[row, col], pa.float64()),
+            "n_firings": pa.array(fires[row, col], pa.int64()),
+        })
+
+        pt = self.pt_hist.cpu().numpy()[1:]  # [L] pairs active at 1..L layers
+        agg = np.bincount(s["layers_agg"][live], minlength=L + 1)[1:]
+        n_layers = pa.table({
+            "n_layers": pa.array(np.arange(1, L + 1), pa.int64()),
+            "per_token_count": pa.array(pt, pa.int64()),
+            "per_token_fraction": float_column(pt / max(pt.sum(), 1), np.full(L, pt.sum() > 0)),
+            "aggregated_count": pa.array(agg, pa.int64()),
+            "aggregated_fraction": float_column(agg / max(agg.sum(), 1), np.full(L, agg.sum() > 0)),
+        })
+        return {"latents": latents, "layer_distribution": distribution, "n_layers": n_layers}
+
+    def summary(self) -> dict:
+        """Headline numbers; None where undefined (e.g. no latent ever fired)."""
+        s = self._stats()
+        live = s["live"]
+        n_live = int(live.sum())
+        mean_agg = s["agg_var"][live].mean() if n_live else np.nan
+        mean_pt = s["pt_var"][live].mean() if n_live else np.nan
+        ratios = s["ratio"][s["ratio_ok"]]
+        pt = self.pt_hist.cpu().numpy()
+        return {
+            "n_latents": self.n_total,
+            "n_live": n_live,
+            "n_dead": self.n_total - n_live,
+            "dead_fraction": (self.n_total - n_live) / self.n_total,
+            "n_tokens": self.tokens_seen,
+            "mean_aggregated_variance": maybe(mean_agg),
+            "mean_per_token_variance": maybe(mean_pt),
+            # mean over live latents of aggregated variance / mean over live latents of per-token variance
+            "variance_ratio": maybe(mean_agg / mean_pt) if n_live and mean_pt > 0 else None,
+            "median_variance_ratio": maybe(np.median(ratios)) if ratios.size else None,
+            "n_latents_with_ratio": int(ratios.size),
+            # fraction of live latents with nonzero total activation at > 1 layer
+            "multi_layer_fraction_aggregated": maybe((s["layers_agg"][live] > 1).mean()) if n_live else None,
+            # per token: fraction of the latents active at that token that are active at > 1 layer, averaged over tokens
+            "multi_layer_fraction_per_token": maybe(self.token_frac_sum / self.tokens_with_codes) if self.tokens_with_codes else None,
+            # over all (token, latent) pairs with the latent active
+            "multi_layer_fraction_pooled": maybe(pt[2:].sum() / pt.sum()) if pt.sum() else None,
+            "mean_layers_active_per_token": maybe((pt * np.arange(len(pt))).sum() / pt.sum()) if pt.sum() else None,
+            "mean_layers_active_aggregated": maybe(s["layers_agg"][live].mean()) if n_live else None,
+        }
