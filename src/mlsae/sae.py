@@ -53,11 +53,16 @@ def standardize(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     return (x - mean) / std, mean, std
 
 
-def fvu_per_layer(x: Tensor, x_hat: Tensor) -> Tensor:
-    """``x, x_hat: [tokens, layers, d]`` -> ``[layers]``: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+def fvu_per_layer(x: Tensor, x_hat: Tensor, variance_of: Optional[Tensor] = None) -> Tensor:
+    """``x, x_hat: [tokens, layers, d]`` -> ``[layers]``: sum ||x - x_hat||^2 / sum ||v - mean(v)||^2.
+
+    v is x itself, or ``variance_of`` when the error is normalised by another tensor's variance
+    (AuxK: the residual error normalised like the FVU of the input).
+    """
+    v = x if variance_of is None else variance_of
     err = (x - x_hat).pow(2).sum(dim=(0, 2))
-    var = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
-    return err / var.clamp_min(torch.finfo(x.dtype).tiny)
+    var = (v - v.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    return err / var.clamp_min(torch.finfo(v.dtype).tiny)
 
 
 @dataclass
@@ -177,7 +182,7 @@ class SparseCoder(nn.Module):
             e = (x_in - x_hat_std).detach()
             if self.cfg.loss_space == "raw":
                 e, e_hat = e * std, e_hat * std
-            auxk = fvu_per_layer_error(e, e_hat, target)
+            auxk = fvu_per_layer(e, e_hat, variance_of=target)
             if aux_layers is not None:
                 auxk = auxk * aux_layers
         loss = fvu.mean() + self.cfg.aux_coef * auxk.mean()
@@ -203,13 +208,6 @@ class SparseCoder(nn.Module):
             layer = torch.arange(top_idx.shape[1], device=top_idx.device)[None, :, None].expand_as(top_idx)
             out[layer[active], top_idx[active]] = True
         return out
-
-
-def fvu_per_layer_error(e: Tensor, e_hat: Tensor, x: Tensor) -> Tensor:
-    """AuxK per layer: sum ||e - e_hat||^2 normalised by the same variance of x as the FVU."""
-    err = (e - e_hat).pow(2).sum(dim=(0, 2))
-    var = (x - x.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
-    return err / var.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @register("mlsae")

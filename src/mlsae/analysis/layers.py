@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from ._checks import check_codes, check_count, check_layers, fail, float_column, maybe
+from ._checks import check_codes, check_count, check_layers, float_column, maybe
 
 
 class LayerDistribution:
@@ -61,45 +61,68 @@ class LayerDistribution:
         self.tokens_seen = 0
 
     def update(self, top_acts: Tensor, top_idx: Tensor) -> None:
-        """``top_acts: [tokens, layers, k]`` (>= 0, 0 = inactive), ``top_idx``: latent indices."""
+        """``top_acts: [tokens, layers, k]`` (>= 0, 0 = inactive), ``top_idx``: latent indices.
+
+        Per-token grouping without a dense [tokens, latents] array: sort each token's L*k
+        latent ids (a short row sort), so a (token, latent) pair's entries are contiguous.
+        Assumes the indices at one (token, layer) are distinct, as TopK guarantees.
+        """
         check_codes(top_acts, top_idx, self.n_latents, len(self.layers))
-        top_acts, top_idx = top_acts.to(self.device), top_idx.to(self.device)
-        T, L, _ = top_acts.shape
-        self.tokens_seen += T
-        active = top_acts > 0
-        tok, lpos, _ = active.nonzero(as_tuple=True)  # [N] each: the active entries
-        if tok.numel() == 0:
-            return
-        a = top_acts[active].double()  # [N]
-        lat = top_idx[active].long()  # [N]
+        T, L, k = top_acts.shape
+        M = L * k
+        dev = self.device
+        acts = top_acts.to(dev, torch.float32)
+        lat = top_idx.to(dev).long()
+        lpos = torch.arange(L, device=dev)[None, :, None]  # [1, L, 1]
         if not self.shared:
             lat = lpos * self.n_latents + lat
-        cell = lat * L + lpos
-        self.act_sum.view(-1).index_add_(0, cell, a)
-        self.fire_count.view(-1).add_(torch.bincount(cell, minlength=self.n_total * L))
+        active = acts > 0
+        self.tokens_seen += T
 
-        # Per-(token, latent) sums via one sort of the keys token * n_total + latent.
-        keys, inv = torch.unique(tok * self.n_total + lat, return_inverse=True)  # [P], [N]
-        P = keys.numel()
-        lv = self.layer_value[lpos]  # [N]
-        s0 = torch.zeros(P, dtype=torch.float64, device=self.device).index_add_(0, inv, a)
-        mean = torch.zeros_like(s0).index_add_(0, inv, a * lv) / s0  # [P] per-token mean layer
-        dev = lv - mean[inv]
-        var = torch.zeros_like(s0).index_add_(0, inv, a * dev * dev) / s0  # [P] per-token variance
-        n_layers = torch.bincount(inv, minlength=P)  # [P] layers active (TopK indices are distinct)
-        var[n_layers == 1] = 0.0  # exact, not a rounding residue
-        pair_lat, pair_tok = keys % self.n_total, keys // self.n_total
+        # aggregated: per (latent, layer) sums; inactive entries add 0 activation and 0 firings
+        cell = (lat * L + lpos).reshape(-1)
+        self.act_sum.view(-1).index_add_(0, cell, acts.reshape(-1).double())
+        self.fire_count.view(-1).index_add_(0, cell, active.reshape(-1).long())
+
+        # per token: inactive entries get the id n_total, so they sort last into a discarded pair
+        sentinel = self.n_total
+        key = torch.where(active, lat, sentinel).view(T, M)
+        key = key.int() if sentinel < 2**31 - 1 else key
+        sorted_lat, perm = torch.sort(key, dim=1)  # [T, M] each
+        a = acts.view(T, M).gather(1, perm).double().view(-1)  # [T*M]
+        centred = self.layer_value - self.layer_value.mean()  # [L] centred layer numbers: less cancellation
+        lv = centred.index_select(0, (perm // k).view(-1))  # [T*M]
+        is_start = torch.ones(T, M, dtype=torch.bool, device=dev)
+        is_start[:, 1:] = sorted_lat[:, 1:] != sorted_lat[:, :-1]
+        is_start = is_start.view(-1)
+        pid = torch.cumsum(is_start, 0) - 1  # [T*M] pair id of each entry
+        first = torch.nonzero(is_start).squeeze(1)  # [P] flat index of each pair's first entry
+        P = first.numel()
+        s0 = torch.zeros(P, dtype=torch.float64, device=dev).index_add_(0, pid, a)
+        a_lv = a * lv
+        s1 = torch.zeros_like(s0).index_add_(0, pid, a_lv)
+        s2 = torch.zeros_like(s0).index_add_(0, pid, a_lv * lv)
+        n_layers = torch.diff(first, append=first.new_tensor([T * M]))  # [P] entries = layers active
+        pair_lat = sorted_lat.view(-1).index_select(0, first).long()
+        live = torch.nonzero(pair_lat != sentinel).squeeze(1)  # drop the inactive entries' pairs
+        if live.numel() == 0:
+            return
+        s0, s1, s2, n_layers, pair_lat, first = (t.index_select(0, live) for t in (s0, s1, s2, n_layers, pair_lat, first))
+        pair_tok = first // M
+        mean = s1 / s0
         multi = n_layers > 1
+        var = torch.where(multi, (s2 / s0 - mean * mean).clamp_min_(0.0), 0.0)  # [P] exact 0 at one layer
+        w_multi = multi.double()
 
         self.n_tokens.add_(torch.bincount(pair_lat, minlength=self.n_total))
         self.pt_var_sum.index_add_(0, pair_lat, var)
         self.pt_layers_sum.index_add_(0, pair_lat, n_layers)
-        self.pt_multi.add_(torch.bincount(pair_lat[multi], minlength=self.n_total))
+        self.pt_multi.add_(torch.bincount(pair_lat, weights=w_multi, minlength=self.n_total).round().long())
         self.pt_hist.add_(torch.bincount(n_layers.clamp(max=L), minlength=L + 1))
-        per_tok = torch.bincount(pair_tok, minlength=T)
-        per_tok_multi = torch.bincount(pair_tok[multi], minlength=T)
+        per_tok = torch.bincount(pair_tok, minlength=T).double()
+        per_tok_multi = torch.bincount(pair_tok, weights=w_multi, minlength=T)
         has = per_tok > 0
-        self.token_frac_sum += float((per_tok_multi[has] / per_tok[has]).sum())
+        self.token_frac_sum += float((per_tok_multi / per_tok.clamp_min(1)).sum())
         self.tokens_with_codes += int(has.sum())
 
     # ---- derived per-latent statistics (tensors; NaN marks undefined, never written to tables)
@@ -132,7 +155,19 @@ class LayerDistribution:
         return {k: v.cpu().numpy() for k, v in out.items()}
 
     def result(self) -> dict[str, pa.Table]:
-        """Tables ``latents``, ``layer_distribution`` and ``n_layers`` (columns in the README of the API)."""
+        """Three tables (nulls where undefined, never NaN):
+
+        ``latents``, one row per latent: latent, dictionary_layer (null for a shared dictionary),
+        dead, n_tokens (tokens where it fires), n_firings ((token, layer) activations),
+        activation_sum, mean_layer, aggregated_variance, per_token_variance, variance_ratio
+        (aggregated / per-token), n_layers_active (layers with nonzero total activation),
+        mean_layers_per_token, multi_layer_token_fraction (share of its tokens with > 1 layer).
+        ``layer_distribution``, one row per (latent, layer) where it fired (missing rows = 0):
+        latent, dictionary_layer, layer, activation_sum, probability (p_i(l)), n_firings.
+        ``n_layers``, one row per n = 1..L: n_layers, per_token_count / per_token_fraction
+        ((token, latent) pairs active at exactly n layers), aggregated_count /
+        aggregated_fraction (live latents with nonzero total activation at exactly n layers).
+        """
         s = self._stats()
         live = s["live"]
         L = len(self.layers)
