@@ -7,4 +7,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${MLSAE_TORCH:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
+# The report test renders the HTML page in headless Chromium; CI (CI=true) installs Debian's package.
+if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "could not install chromium: the headless report check will be skipped"
+fi
 echo "mlsae is installed in .venv: activate it with 'source .venv/bin/activate'"

@@ -93,11 +93,75 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         print(f"comparison written to {folder / 'compare.parquet'}")
 
 
+def run_analyze(cfg: cfgmod.AnalyzeConfig) -> None:
+    from .analyze import analyze
+
+    summary = analyze(cfg.run, cfg.data, cfg.tokens, cfg.split, cfg.ctx, cfg.prompt or (), cfg.top_n, None, cfg.device,
+                      cfg.batch_tokens, cfg.out)
+    print(headline(summary))
+    print(f"tables written to {Path(cfg.out) if cfg.out else Path(cfg.run) / 'analysis'}")
+
+
+def headline(summary: dict) -> str:
+    """The paper's headline numbers from an analysis summary."""
+    lay, drift = summary["layers"], summary["drift"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return (
+        f"mean adjacent-layer cosine {fmt(drift['mean_cosine'])} (centred {fmt(drift['mean_cosine_centred'])}); "
+        f"variance ratio aggregated/per-token {fmt(lay['variance_ratio'])}; latents active at >1 layer: "
+        f"{fmt(lay['multi_layer_fraction_aggregated'])} aggregated, {fmt(lay['multi_layer_fraction_per_token'])} per token"
+    )
+
+
+def run_report(cfg: cfgmod.ReportConfig) -> None:
+    from .report import build_report
+
+    print(f"report written to {build_report(cfg.run, cfg.out)}")
+
+
+def run_demo(cfg: cfgmod.DemoConfig) -> None:
+    import time
+
+    from .analyze import analyze
+    from .evaluate import evaluate, format_table
+    from .model import load_model
+    from .report import build_report
+    from .train import train
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    print("[1/5] loading the offline model (SmolLM2-135M)")
+    model = load_model("smollm2", device=cfg.device)
+    run = out / "smollm2-mlsae"
+    print(f"[2/5] capturing activations and training an MLSAE on {cfg.tokens:,} tokens of builtin:pydocs")
+    train(
+        cfgmod.TrainConfig(
+            model="smollm2", data="builtin:pydocs", split="train", ctx=256, tokens=cfg.tokens, expansion_factor=4, k=32,
+            lr=4e-3, tokens_per_step=512, micro_batch_tokens=512, dead_tokens=max(1, cfg.tokens // 4),
+            shuffle_buffer_mb=1024, checkpoint_tokens=cfg.tokens, device=cfg.device, out=str(run), overwrite=True,
+        ),
+        model=model,
+    )
+    print("[3/5] evaluating on held-out text")
+    table = evaluate(run, "builtin:pydocs", cfg.eval_tokens, cfg.downstream_tokens, "test", model=model, device=cfg.device)
+    print(format_table(table, ["layer", "fvu", "fvu_standardized", "l0", "dead_fraction", "delta_ce", "kl"]))
+    print("[4/5] analysing")
+    summary = analyze(run, "builtin:pydocs", cfg.eval_tokens, "test", model=model, device=cfg.device,
+                      prompts=["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"])
+    print(headline(summary))
+    print("[5/5] writing the report")
+    page = build_report(run)
+    print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} minutes; open the report: {page.resolve()}")
+
+
 # name -> (config class, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
     "train": (cfgmod.TrainConfig, run_train, "Train a multi-layer (or per-layer) TopK sparse autoencoder."),
     "eval": (cfgmod.EvalConfig, run_eval, "Evaluate runs per layer: FVU, L0, L1, dead latents, delta CE, KL."),
+    "analyze": (cfgmod.AnalyzeConfig, run_analyze, "The paper's analyses: drift, layer distributions, examples, geometry."),
+    "report": (cfgmod.ReportConfig, run_report, "Write a static HTML report of a run, with figures."),
+    "demo": (cfgmod.DemoConfig, run_demo, "Run the whole chain offline on SmolLM2 and the built-in corpus."),
 }
 
 

@@ -142,6 +142,52 @@ class EvalConfig:
     """Tokens per batch through the model and the coder."""
 
 
+@dataclass
+class AnalyzeConfig:
+    run: str = ""
+    """Run folder of a trained sparse coder."""
+    data: Optional[str] = None
+    """Held-out text (file, folder, hub dataset id or builtin:pydocs) or an activation cache folder."""
+    split: str = "test"
+    """Dataset split, for hub datasets and builtin:pydocs."""
+    tokens: int = 20_000
+    """Tokens to analyse."""
+    ctx: Optional[int] = None
+    """Context length (default: the run's)."""
+    prompt: Optional[list[str]] = None
+    """Texts to draw latents x layers heatmaps for."""
+    top_n: int = 10
+    """Max-activating examples kept per latent and layer."""
+    out: Optional[str] = None
+    """Folder for the tables (default: RUN/analysis)."""
+    device: str = "auto"
+    """Torch device: cpu, cuda, cuda:N, or auto."""
+    batch_tokens: int = 4096
+    """Tokens per batch through the model and the coder."""
+
+
+@dataclass
+class ReportConfig:
+    run: str = ""
+    """Run folder (evaluated with `mlsae eval` and analysed with `mlsae analyze`)."""
+    out: Optional[str] = None
+    """Folder for index.html and its figures (default: RUN/report)."""
+
+
+@dataclass
+class DemoConfig:
+    out: str = "mlsae-demo"
+    """Folder for the demo's run, evaluation, analysis and report."""
+    tokens: int = 40_000
+    """Training tokens (the demo finishes in about 10 minutes on 2 CPU cores)."""
+    eval_tokens: int = 5_000
+    """Held-out tokens for the reconstruction metrics and the analyses."""
+    downstream_tokens: int = 1_000
+    """Held-out tokens for delta CE and KL."""
+    device: str = "auto"
+    """Torch device: cpu, cuda, cuda:N, or auto."""
+
+
 POSITIONAL = {"run"}
 """Fields given as positional arguments on the command line."""
 
@@ -235,6 +281,9 @@ __all__ = [
     "SAEConfig",
     "TrainConfig",
     "EvalConfig",
+    "AnalyzeConfig",
+    "ReportConfig",
+    "DemoConfig",
     "add_arguments",
     "from_namespace",
     "from_dict",

@@ -214,7 +214,7 @@ def downstream(
 # The whole evaluation of one run
 
 
-def _eval_windows(run: RunSpec, model: ResidualModel, data: str, split: str, ctx: Optional[int]) -> tuple[Iterator[Tensor], DataConfig]:
+def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, ctx: Optional[int]) -> tuple[Iterator[Tensor], DataConfig]:
     trained = from_dict(DataConfig, run.meta.get("train", {}))
     cfg = DataConfig(**{**trained.__dict__, "data": data, "split": split, "ctx": ctx or trained.ctx})
     docs = iter_documents(cfg.data, cfg.split, cfg.text_field)
@@ -260,7 +260,7 @@ def evaluate(
         source = cache.batches(batch_tokens, shuffle=False)
         windows = list(cache.windows)
     else:
-        win_iter, data_cfg = _eval_windows(run, model, data, split, ctx)
+        win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
 
         def recorded() -> Iterator[Tensor]:
             for w in win_iter:

@@ -1,0 +1,312 @@
+"""A static HTML report of a run: figures (matplotlib, PNG beside the page) and tables.
+
+It reads only files: the run's ``config.json`` and ``metrics.jsonl``, ``eval.parquet`` (and
+``compare.parquet``) from ``mlsae eval``, and ``analysis/`` from ``mlsae analyze``. A section
+whose inputs are missing says which command fills it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from .sae import read_coder_config  # noqa: E402
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; padding: 0 1em; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
+th { background: #f4f4f4; }
+img { max-width: 100%; border: 1px solid #eee; }
+.note { background: #fff8e0; padding: 0.5em 1em; border-left: 4px solid #e0b000; }
+.headline { font-size: 1.15em; background: #eef5ff; padding: 0.6em 1em; border-left: 4px solid #3070d0; }
+.ex { font-family: ui-monospace, monospace; font-size: 0.85em; white-space: pre-wrap; margin: 0.1em 0; }
+.ex mark { background: #ffb347; font-weight: bold; }
+.latent { margin: 0.8em 0; }
+"""
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+    return html.escape(str(v))
+
+
+def _table_html(table: pa.Table, columns: Optional[list[str]] = None) -> str:
+    cols = [c for c in (columns or table.column_names) if c in table.column_names]
+    data = {c: table.column(c).to_pylist() for c in cols}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(data[c][i])}</td>" for c in cols) + "</tr>" for i in range(table.num_rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+class Report:
+    def __init__(self, run: Path, out: Path):
+        self.run, self.out = run, out
+        self.parts: list[str] = []
+        self.figures: list[str] = []
+
+    def figure(self, name: str, draw: Callable[[plt.Figure], None], size=(8, 3.6), caption: str = "") -> None:
+        fig = plt.figure(figsize=size, dpi=100)
+        draw(fig)
+        fig.tight_layout()
+        fig.savefig(self.out / f"{name}.png")
+        plt.close(fig)
+        self.figures.append(f"{name}.png")
+        self.parts.append(f'<figure><img src="{name}.png" alt="{html.escape(name)}"><figcaption>{caption}</figcaption></figure>')
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+    def missing(self, what: str, command: str) -> None:
+        self.parts.append(f'<p class="note">No {what} yet: run <code>{html.escape(command)}</code> to fill this section.</p>')
+
+
+def _read(path: Path) -> Optional[pa.Table]:
+    return pq.read_table(path) if path.is_file() else None
+
+
+def build_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
+    """Write ``index.html`` and its figures; returns the path of the page."""
+    run = Path(run_dir)
+    meta = read_coder_config(run)
+    out = Path(out) if out else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    r = Report(run, out)
+    sae, train = meta["sae"], meta.get("train", {})
+    r.add(f"<h1>MLSAE report: {html.escape(run.name)}</h1>")
+    r.add(
+        f"<p>{html.escape(sae['arch'])} coder on <b>{html.escape(str(meta['model']))}</b>, layers "
+        f"{meta['layers'][0]}..{meta['layers'][-1]} ({len(meta['layers'])}), {meta['n_latents']:,} latents "
+        f"(R = {sae['expansion_factor']}), k = {sae['k']}, trained on {train.get('tokens', '?'):,} tokens of "
+        f"<code>{html.escape(str(train.get('data')))}</code>; training minimises FVU on the {sae['loss_space']} vectors.</p>"
+        if isinstance(train.get("tokens"), int)
+        else f"<p>{html.escape(sae['arch'])} coder on {html.escape(str(meta['model']))}</p>"
+    )
+    _training(r)
+    _evaluation(r)
+    _analysis(r, meta)
+    page = out / "index.html"
+    body = "\n".join(r.parts)
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>MLSAE report: {html.escape(run.name)}</title>"
+                    f"<style>{CSS}</style></head><body>{body}</body></html>")
+    return page
+
+
+def _training(r: Report) -> None:
+    r.add("<h2>Training</h2>")
+    path = r.run / "metrics.jsonl"
+    if not path.is_file():
+        r.missing("training metrics", f"mlsae train --out {r.run}")
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        r.missing("training metrics", f"mlsae train --out {r.run}")
+        return
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 2, 1)
+        ax.plot([m["tokens"] for m in rows], [m["fvu"] for m in rows], lw=1)
+        ax.set(xlabel="training tokens", ylabel="FVU (mean over layers)", title="training FVU")
+        ax2 = fig.add_subplot(1, 2, 2)
+        ax2.plot([m["tokens"] for m in rows], [100 * m["dead_fraction"] for m in rows], lw=1, color="C3")
+        ax2.set(xlabel="training tokens", ylabel="dead latents (%)", title="dead latents")
+
+    r.figure("training", draw, caption="Training FVU (in the loss space) and the share of dead latents.")
+
+
+def _evaluation(r: Report) -> None:
+    r.add("<h2>Evaluation (held-out text)</h2>")
+    table = _read(r.run / "eval.parquet")
+    if table is None:
+        r.missing("evaluation", f"mlsae eval {r.run} --data HELD_OUT_TEXT")
+        return
+    cols = ["layer", "fvu", "fvu_standardized", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl", "loss_recovered_zero", "loss_recovered_mean"]
+    layers = table.column("layer").to_pylist()[:-1]
+
+    def draw(fig):
+        x = [int(v) for v in layers]
+        ax = fig.add_subplot(1, 2, 1)
+        ax.plot(x, table.column("fvu").to_pylist()[:-1], "o-", ms=3, label="raw")
+        ax.plot(x, table.column("fvu_standardized").to_pylist()[:-1], "s-", ms=3, label="standardised")
+        ax.set(xlabel="layer", ylabel="FVU", title="reconstruction")
+        ax.legend()
+        if "delta_ce" in table.column_names:
+            ax2 = fig.add_subplot(1, 2, 2)
+            ax2.plot(x, table.column("delta_ce").to_pylist()[:-1], "o-", ms=3, color="C2")
+            ax2.set(xlabel="layer", ylabel="delta CE (nats)", title="downstream loss when spliced")
+
+    r.figure("evaluation", draw, caption="FVU per layer (raw and standardised vectors) and the increase in next-token cross-entropy.")
+    r.add(_table_html(table, cols))
+    cmp = _read(r.run / "compare.parquet")
+    if cmp is not None:
+        r.add("<h3>Against the other runs (per layer)</h3>" + _table_html(cmp))
+
+
+def _analysis(r: Report, meta: dict) -> None:
+    folder = r.run / "analysis"
+    summary_path = folder / "summary.json"
+    r.add("<h2>Analyses</h2>")
+    if not summary_path.is_file():
+        r.missing("analysis", f"mlsae analyze {r.run} --data HELD_OUT_TEXT")
+        return
+    summary = json.loads(summary_path.read_text())
+    lay = summary["layers"]
+    ratio = lay.get("variance_ratio")
+    r.add(
+        '<p class="headline">'
+        f"Mean adjacent-layer cosine similarity of the residual stream: <b>{_fmt(summary['drift']['mean_cosine'])}</b> "
+        f"(mean-centred: {_fmt(summary['drift']['mean_cosine_centred'])}).<br>"
+        f"Variance of a latent's layer distribution, aggregated over tokens / per token: <b>{_fmt(ratio)}</b>.<br>"
+        f"Latents active at more than one layer: <b>{_fmt(lay.get('multi_layer_fraction_aggregated'))}</b> aggregated over "
+        f"{summary['n_tokens']:,} tokens, <b>{_fmt(lay.get('multi_layer_fraction_per_token'))}</b> per token.</p>"
+    )
+    r.add(
+        "<p>Definitions (Lawson et al. section 4): latent <i>i</i>'s layer distribution is p<sub>i</sub>(l) &prop; the sum of "
+        "its activations at layer <i>l</i>. Aggregated variance: the variance over layers of p<sub>i</sub>, over all tokens. "
+        "Per-token variance: for each token where latent <i>i</i> fires, the variance over layers of that token's "
+        "activations (normalised per token), averaged over those tokens only. The ratio is the mean aggregated variance "
+        "over live latents divided by the mean per-token variance.</p>"
+    )
+    _drift(r, folder)
+    _layer_distribution(r, folder, meta)
+    _variances(r, folder)
+    _geometry(r, folder)
+    _examples(r, folder)
+
+
+def _drift(r: Report, folder: Path) -> None:
+    t = _read(folder / "drift.parquet")
+    if t is None:
+        return
+    r.add("<h3>Residual-stream drift</h3>")
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for centred, label in ((False, "raw"), (True, "mean-centred")):
+            rows = t.filter(pc.equal(t.column("centred"), centred))
+            if rows.num_rows == 0:
+                continue
+            x = rows.column("layer").to_pylist()
+            ax.plot(x, rows.column("mean").to_pylist(), "o-", ms=3, label=label)
+            ax.fill_between(x, rows.column("p10").to_pylist(), rows.column("p90").to_pylist(), alpha=0.2)
+        ax.set(xlabel="layer l (pair l, l+1)", ylabel="cosine similarity", title="adjacent-layer cosine similarity (band: 10th-90th percentile)")
+        ax.legend()
+
+    r.figure("drift", draw, caption="Cosine similarity between the residual vectors of adjacent layers at the same token.")
+
+
+def _layer_distribution(r: Report, folder: Path, meta: dict) -> None:
+    lat = _read(folder / "latents.parquet")
+    dist = _read(folder / "layer_distribution.parquet")
+    if lat is None or dist is None or meta["sae"]["arch"] != "mlsae":
+        return
+    r.add("<h3>Layer distribution of the latents</h3>")
+    layers = meta["layers"]
+    n = meta["n_latents"]
+    grid = np.zeros((n, len(layers)))
+    col = {l: j for j, l in enumerate(layers)}
+    grid[dist.column("latent").to_numpy(), [col[l] for l in dist.column("layer").to_pylist()]] = dist.column("probability").to_numpy()
+    mean_layer = np.array([np.inf if v is None else v for v in lat.column("mean_layer").to_pylist()])
+    live = np.isfinite(mean_layer)
+    order = np.argsort(mean_layer[live], kind="stable")
+    shown = grid[live][order]
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(shown.T, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
+                       extent=(0, len(shown), layers[0] - 0.5, layers[-1] + 0.5))
+        ax.set(xlabel=f"live latents ({len(shown):,}), sorted by mean layer", ylabel="layer", title="p_i(l): share of latent i's activation at layer l")
+        fig.colorbar(im, ax=ax)
+
+    r.figure("layer_distribution", draw, size=(9, 4), caption="Each column is a latent; dead latents are left out.")
+
+
+def _variances(r: Report, folder: Path) -> None:
+    lat = _read(folder / "latents.parquet")
+    nl = _read(folder / "n_layers.parquet")
+    if lat is None:
+        return
+    agg = np.array([v for v in lat.column("aggregated_variance").to_pylist() if v is not None])
+    pt = np.array([v for v in lat.column("per_token_variance").to_pylist() if v is not None])
+    r.add("<h3>Per-token versus aggregated variance over layers</h3>")
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 2, 1)
+        hi = max(agg.max() if len(agg) else 1, pt.max() if len(pt) else 1, 1e-3)
+        bins = np.linspace(0, hi, 40)
+        ax.hist(pt, bins=bins, alpha=0.6, label=f"per token (mean {pt.mean() if len(pt) else 0:.3f})")
+        ax.hist(agg, bins=bins, alpha=0.6, label=f"aggregated (mean {agg.mean() if len(agg) else 0:.3f})")
+        ax.set(xlabel="variance over layers", ylabel="latents", title="variance of the layer distribution", yscale="log")
+        ax.legend(fontsize=8)
+        if nl is not None:
+            ax2 = fig.add_subplot(1, 2, 2)
+            x = np.array(nl.column("n_layers").to_pylist())
+            ax2.bar(x - 0.2, [v or 0 for v in nl.column("per_token_fraction").to_pylist()], width=0.4, label="per token")
+            ax2.bar(x + 0.2, [v or 0 for v in nl.column("aggregated_fraction").to_pylist()], width=0.4, label="aggregated")
+            ax2.set(xlabel="number of layers a latent is active at", ylabel="fraction", title="layers active")
+            ax2.legend(fontsize=8)
+
+    r.figure("variances", draw, size=(10, 3.8), caption="Left: per latent. Right: per (token, latent) pair and per latent over all tokens.")
+
+
+def _geometry(r: Report, folder: Path) -> None:
+    bins = _read(folder / "geometry_bins.parquet")
+    sample = _read(folder / "geometry_sample.parquet")
+    if bins is None or sample is None:
+        return
+    r.add("<h3>Decoder geometry</h3>")
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        ax.scatter(sample.column("dlayer").to_numpy(), sample.column("cosine").to_numpy(), s=1, alpha=0.15)
+        mids = (np.array(bins.column("dlayer_lo").to_pylist()) + np.array(bins.column("dlayer_hi").to_pylist())) / 2
+        ax.plot(mids, bins.column("mean_abs_cosine").to_pylist(), "o-", color="C3", ms=3, label="mean |cosine|")
+        ax.set(xlabel="|difference of mean layers|", ylabel="decoder cosine similarity", title="decoder directions vs mean layer")
+        ax.legend()
+
+    r.figure("geometry", draw, caption="Cosine similarity of pairs of latents' decoder vectors against the distance of their mean layers.")
+
+
+def _examples(r: Report, folder: Path) -> None:
+    t = _read(folder / "examples_preview.parquet")
+    if t is None or "token_text" not in t.column_names:
+        return
+    lat = _read(folder / "latents.parquet")
+    mean_layer = {}
+    if lat is not None:
+        for latent, ml in zip(lat.column("latent").to_pylist(), lat.column("mean_layer").to_pylist()):
+            mean_layer.setdefault(latent, ml)
+    r.add("<h3>Top examples of a few latents</h3><p>Latents spread over mean layers; the highlighted token is where the latent fires. "
+          "All examples: <code>analysis/examples.parquet</code> (query it with DuckDB).</p>")
+    rows = t.to_pylist()
+    current = None
+    parts = []
+    for row in rows:
+        if row["latent"] != current:
+            if current is not None:
+                parts.append("</div>")
+            current = row["latent"]
+            parts.append(f'<div class="latent"><b>latent {current}</b> (mean layer {_fmt(mean_layer.get(current))})')
+        parts.append(
+            f'<p class="ex">[layer {row["layer"]}, {row["activation"]:.2f}] {html.escape(row["text_before"])}'
+            f'<mark>{html.escape(row["token_text"])}</mark>{html.escape(row["text_after"])}</p>'
+        )
+    if current is not None:
+        parts.append("</div>")
+    r.add("".join(parts))
+
