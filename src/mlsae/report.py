@@ -225,12 +225,13 @@ def _layer_distribution(r: Report, folder: Path, meta: dict) -> None:
     live = np.isfinite(mean_layer)
     order = np.argsort(mean_layer[live], kind="stable")
     shown = grid[live][order]
+    shown = shown / np.maximum(shown.max(1, keepdims=True), 1e-12)  # each latent relative to its peak layer
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
         im = ax.imshow(shown.T, aspect="auto", origin="lower", cmap="magma", interpolation="nearest",
                        extent=(0, len(shown), layers[0] - 0.5, layers[-1] + 0.5))
-        ax.set(xlabel=f"live latents ({len(shown):,}), sorted by mean layer", ylabel="layer", title="p_i(l): share of latent i's activation at layer l")
+        ax.set(xlabel=f"live latents ({len(shown):,}), sorted by mean layer", ylabel="layer", title="p_i(l) / max_l p_i(l): latent i's activation by layer, relative to its peak")
         fig.colorbar(im, ax=ax)
 
     r.figure("layer_distribution", draw, size=(9, 4), caption="Each column is a latent; dead latents are left out.")
