@@ -39,3 +39,23 @@ def test_cache_cli_on_real_model(tmp_path, smollm2):
     assert manifest["layers"] == [0, 29] and manifest["n_tokens"] == 300
     assert manifest["model_fingerprint"] == smollm2.fingerprint()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_train_and_evaluate_on_real_model(tmp_path, smollm2):
+    from mlsae.config import TrainConfig
+    from mlsae.evaluate import evaluate
+    from mlsae.train import train
+
+    data = str(CORPUS / "test" / "inaugural.jsonl")
+    cfg = TrainConfig(model="smollm2", data=data, layers=[3, 29], ctx=128, tokens=2048, expansion_factor=1, k=8,
+                      tokens_per_step=128, micro_batch_tokens=128, lr=1e-2, device="cpu", out=str(tmp_path / "run"))
+    result = train(cfg, model=smollm2)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert result["tokens"] == 2048 and result["fvu"] < 0.8 * first["fvu"]
+    table = evaluate(tmp_path / "run", data, tokens=300, downstream_tokens=120, model=smollm2, device="cpu", progress=False)
+    assert table.column("layer").to_pylist() == ["3", "29", "mean"]
+    fvu = table.column("fvu").to_pylist()
+    assert all(0 < v < 2.0 for v in fvu)
+    # a reconstruction hurts less than zero-ablating the layer
+    assert all(s < z for s, z in zip(table.column("ce").to_pylist(), table.column("ce_zero").to_pylist()))
+    assert all(k >= 0 for k in table.column("kl").to_pylist())

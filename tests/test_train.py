@@ -147,3 +147,24 @@ def test_nan_activations_stop_and_keep_the_last_checkpoint(tmp_path, cache_dir):
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
     assert state["tokens"] >= 320
     load_file(str(tmp_path / "run" / "checkpoint" / "sae.safetensors"))  # intact
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cache_dir, monkeypatch):
+    trainer = Trainer(cfg(tmp_path / "run", cache_dir, tokens=128))
+    trainer.train()
+    before = weights(tmp_path / "run" / "checkpoint")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with torch.no_grad():
+        for p in trainer.coder.parameters():
+            p.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    after = weights(tmp_path / "run" / "checkpoint")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.undo()
+    resumed = Trainer(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True))
+    assert resumed.state.tokens == 128
