@@ -59,3 +59,18 @@ def test_train_and_evaluate_on_real_model(tmp_path, smollm2):
     # a reconstruction hurts less than zero-ablating the layer
     assert all(s < z for s, z in zip(table.column("ce").to_pylist(), table.column("ce_zero").to_pylist()))
     assert all(k >= 0 for k in table.column("kl").to_pylist())
+
+
+def test_demo_runs_the_whole_chain(tmp_path, smollm2, monkeypatch, capsys):
+    import mlsae.model
+    from mlsae.cli import main
+
+    monkeypatch.setattr(mlsae.model, "load_model", lambda *a, **k: smollm2)  # reuse the loaded model
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--tokens", "1024", "--eval-tokens", "512",
+                 "--downstream-tokens", "100", "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    page = tmp_path / "demo" / "smollm2-mlsae" / "report" / "index.html"
+    assert page.is_file() and str(page.resolve()) in out
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "variance ratio"):
+        assert step in out
