@@ -65,11 +65,13 @@ def test_report_renders_every_figure_in_headless_chromium(run, tmp_path):
     folder, model = run
     evaluate(folder / "run", str(folder / "t.jsonl"), tokens=200, downstream_tokens=40, model=model, device="cpu",
              progress=False)
-    analyze(folder / "run", str(folder / "t.jsonl"), tokens=300, model=model, device="cpu", progress=False)
+    analyze(folder / "run", str(folder / "t.jsonl"), tokens=300, model=model, device="cpu", progress=False,
+            prompts=["the library reads files"])
     page = build_report(folder / "run")
     text = page.read_text()
     images = re.findall(r'<img src="([^"]+)"', text)
-    assert set(images) == {"training.png", "evaluation.png", "drift.png", "layer_distribution.png", "variances.png", "geometry.png"}
+    assert set(images) == {"training.png", "evaluation.png", "drift.png", "layer_distribution.png", "variances.png", "geometry.png",
+                           "heatmap_0.png"}
     for img in images:
         assert (page.parent / img).stat().st_size > 5000
     assert "<mark>" in text and "Variance of a latent" in text

@@ -186,6 +186,7 @@ def _analysis(r: Report, meta: dict) -> None:
     _layer_distribution(r, folder, meta)
     _variances(r, folder)
     _geometry(r, folder)
+    _heatmaps(r, folder)
     _examples(r, folder)
 
 
@@ -281,6 +282,32 @@ def _geometry(r: Report, folder: Path) -> None:
         ax.legend()
 
     r.figure("geometry", draw, caption="Cosine similarity of pairs of latents' decoder vectors against the distance of their mean layers.")
+
+
+def _heatmaps(r: Report, folder: Path) -> None:
+    t = _read(folder / "heatmaps.parquet")
+    if t is None or t.num_rows == 0:
+        return
+    r.add("<h3>Prompt heatmaps</h3>")
+    prompts = list(dict.fromkeys(t.column("prompt").to_pylist()))[:4]
+    for i, prompt in enumerate(prompts):
+        rows = t.filter(pc.equal(t.column("prompt"), prompt))
+        latents = list(dict.fromkeys(rows.column("latent").to_pylist()))
+        layers = sorted(set(rows.column("layer").to_pylist()))
+        grid = np.zeros((len(latents), len(layers)))
+        for latent, layer, value in zip(*(rows.column(c).to_pylist() for c in ("latent", "layer", "activation"))):
+            grid[latents.index(latent), layers.index(layer)] = value
+
+        def draw(fig, grid=grid, latents=latents, layers=layers):
+            ax = fig.add_subplot(1, 1, 1)
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_yticks(range(len(latents)), [str(v) for v in latents], fontsize=7)
+            step = max(1, len(layers) // 15)
+            ax.set_xticks(range(0, len(layers), step), [str(v) for v in layers[::step]])
+            ax.set(xlabel="layer", ylabel="latent (most active first)")
+            fig.colorbar(im, ax=ax)
+
+        r.figure(f"heatmap_{i}", draw, size=(8, 4.5), caption=f"Largest activation of each latent at each layer over the prompt: <code>{html.escape(prompt)}</code>")
 
 
 def _examples(r: Report, folder: Path) -> None:
