@@ -11,21 +11,15 @@ from . import config as cfgmod
 from .errors import MlsaeError
 
 
-def _windows(cfg, model, split: Optional[str] = None):
-    from .text import iter_documents, pack_windows
-
-    docs = iter_documents(cfg.data, split or cfg.split, cfg.text_field)
-    return pack_windows(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos)
-
-
 def run_cache(cfg: cfgmod.CacheConfig) -> None:
     from .activations import mb_per_1k_tokens, write_cache
     from .model import load_model
+    from .text import data_windows
 
     model = load_model(cfg.model, cfg.model_dtype, cfg.device)
     manifest = write_cache(
         model,
-        _windows(cfg, model),
+        data_windows(cfg, model.tokenizer),
         cfg.out,
         cfg.tokens,
         cfg.layers,

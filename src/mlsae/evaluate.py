@@ -25,7 +25,7 @@ from .config import DataConfig, from_dict, save_json
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
 from .sae import SparseCoder, load_coder, read_coder_config, standardize
-from .text import iter_documents, keep_mask, pack_windows
+from .text import data_windows, keep_mask
 
 
 @dataclass
@@ -215,10 +215,10 @@ def downstream(
 
 
 def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, ctx: Optional[int]) -> tuple[Iterator[Tensor], DataConfig]:
+    """Windows of other text, packed the way the run's training text was (BOS, exclusions)."""
     trained = from_dict(DataConfig, run.meta.get("train", {}))
     cfg = DataConfig(**{**trained.__dict__, "data": data, "split": split, "ctx": ctx or trained.ctx})
-    docs = iter_documents(cfg.data, cfg.split, cfg.text_field)
-    return pack_windows(docs, model.tokenizer, cfg.ctx, cfg.prepend_bos), cfg
+    return data_windows(cfg, model.tokenizer), cfg
 
 
 def evaluate(

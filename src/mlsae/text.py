@@ -197,3 +197,9 @@ def keep_mask(ids: Tensor, special_ids: set[int], exclude_first_position: bool =
     if exclude_first_position:
         keep[..., 0] = False
     return keep
+
+
+def data_windows(data, tokenizer, rank: int = 0, world_size: int = 1) -> Iterator[Tensor]:
+    """The windows a ``DataConfig`` (or any object with its fields) describes."""
+    docs = iter_documents(data.data, data.split, data.text_field)
+    return pack_windows(docs, tokenizer, data.ctx, data.prepend_bos, rank, world_size)

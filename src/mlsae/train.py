@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
-from .config import DataConfig, SAEConfig, TrainConfig, save_json, subset, to_dict
+from .config import SAEConfig, TrainConfig, save_json, subset, to_dict
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device
 from .sae import ARRANGEMENTS, SparseCoder, load_coder, read_coder_config, save_coder
+from .text import data_windows
 
 
 @dataclass
@@ -32,13 +33,6 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     tokens_since_fired: Optional[torch.Tensor] = None  # [latent_shape] int64
-
-
-def _data_windows(data: DataConfig, tokenizer) -> Iterator[torch.Tensor]:
-    from .text import iter_documents, pack_windows
-
-    docs = iter_documents(data.data, data.split, data.text_field)
-    return pack_windows(docs, tokenizer, data.ctx, data.prepend_bos)
 
 
 class Trainer:
@@ -150,7 +144,7 @@ class Trainer:
             else:
                 row_bytes = len(self.layers) * self.d_model * 4
                 windows_per_buffer = max(1, cfg.shuffle_buffer_mb * 2**20 // (row_bytes * cfg.ctx))
-                windows = _data_windows(subset(cfg, DataConfig), self.model.tokenizer)
+                windows = data_windows(cfg, self.model.tokenizer)
                 yield from live_buffers(
                     self.model, windows, self.layers, windows_per_buffer, seed, cfg.windows_per_batch, cfg.exclude_first_position
                 )
