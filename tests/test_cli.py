@@ -12,9 +12,7 @@ from mlsae.config import CacheConfig, field_docs
 def test_every_field_has_a_one_line_docstring():
     import dataclasses
 
-    from mlsae import config
-
-    for cls in [config.CacheConfig, config.TrainConfig]:
+    for cls, _, _ in COMMANDS.values():
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             assert f.name in docs and "\n" not in docs[f.name], f"{cls.__name__}.{f.name} lacks a one-line docstring"

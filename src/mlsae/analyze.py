@@ -24,7 +24,7 @@ from .activations import ActivationCache, check_finite, live_batches
 from .analysis import Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, decoder_geometry, prompt_heatmap
 from .config import save_json
 from .errors import MlsaeError
-from .evaluate import RunSpec, open_run, windows_for_run
+from .evaluate import RunSpec, open_run, require_data, windows_for_run
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
 from .text import keep_mask
 
@@ -66,10 +66,7 @@ def analyze(
     started = time.perf_counter()
     dev = resolve_device(device)
     run = open_run(run_dir, dev)
-    if not data:
-        raise MlsaeError(
-            f"no --data given: analysing {run.folder} needs held-out text (it was trained on {run.meta.get('train', {}).get('data')})"
-        )
+    require_data(run, data)
     out = Path(out) if out else run.folder / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     coder = run.coder

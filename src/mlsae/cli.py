@@ -60,7 +60,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
     if len(set(names)) != len(names):
         names = [str(r) for r in runs]
     model = None
-    if cfg.downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file():
+    if cfg.data and (cfg.downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file()):
         from .model import load_model
         from .sae import read_coder_config
 

@@ -117,33 +117,7 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
 
 
 @dataclass
-class EvalConfig:
-    run: str = ""
-    """Run folder of a trained sparse coder."""
-    data: str = "builtin:pydocs"
-    """Held-out text (file, folder, hub dataset id or builtin:pydocs) or an activation cache folder."""
-    split: str = "test"
-    """Dataset split, for hub datasets and builtin:pydocs."""
-    tokens: int = 20_000
-    """Tokens for the reconstruction metrics (FVU, MSE, L0, L1, dead fraction)."""
-    downstream_tokens: int = 4_000
-    """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them."""
-    ctx: Optional[int] = None
-    """Context length (default: the run's)."""
-    layers: Optional[list[int]] = None
-    """Evaluate only these layers (default: every layer of the run)."""
-    compare: Optional[list[str]] = None
-    """Other run folders to evaluate on the same text and show side by side."""
-    out: Optional[str] = None
-    """Folder for eval.parquet and eval.json (default: inside each run folder)."""
-    device: str = "auto"
-    """Torch device: cpu, cuda, cuda:N, or auto."""
-    batch_tokens: int = 4096
-    """Tokens per batch through the model and the coder."""
-
-
-@dataclass
-class AnalyzeConfig:
+class HeldOutConfig:
     run: str = ""
     """Run folder of a trained sparse coder."""
     data: Optional[str] = None
@@ -151,19 +125,33 @@ class AnalyzeConfig:
     split: str = "test"
     """Dataset split, for hub datasets and builtin:pydocs."""
     tokens: int = 20_000
-    """Tokens to analyse."""
+    """Held-out tokens to read (for eval: the reconstruction metrics)."""
     ctx: Optional[int] = None
     """Context length (default: the run's)."""
-    prompt: Optional[list[str]] = None
-    """Texts to draw latents x layers heatmaps for."""
-    top_n: int = 10
-    """Max-activating examples kept per latent and layer."""
     out: Optional[str] = None
-    """Folder for the tables (default: RUN/analysis)."""
+    """Folder for the results (default: inside the run folder)."""
     device: str = "auto"
     """Torch device: cpu, cuda, cuda:N, or auto."""
     batch_tokens: int = 4096
     """Tokens per batch through the model and the coder."""
+
+
+@dataclass
+class EvalConfig(HeldOutConfig):
+    downstream_tokens: int = 4_000
+    """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them."""
+    layers: Optional[list[int]] = None
+    """Evaluate only these layers (default: every layer of the run)."""
+    compare: Optional[list[str]] = None
+    """Other run folders to evaluate on the same text and show side by side."""
+
+
+@dataclass
+class AnalyzeConfig(HeldOutConfig):
+    prompt: Optional[list[str]] = None
+    """Texts to draw latents x layers heatmaps for."""
+    top_n: int = 10
+    """Max-activating examples kept per latent and layer."""
 
 
 @dataclass
@@ -280,6 +268,7 @@ __all__ = [
     "CacheConfig",
     "SAEConfig",
     "TrainConfig",
+    "HeldOutConfig",
     "EvalConfig",
     "AnalyzeConfig",
     "ReportConfig",

@@ -53,6 +53,13 @@ def open_run(folder: str | Path, device: str | torch.device = "cpu") -> RunSpec:
     return RunSpec(folder, coder, meta)
 
 
+def require_data(run: RunSpec, data: Optional[str]) -> None:
+    if not data:
+        raise MlsaeError(
+            f"no --data given: {run.folder} needs held-out text (it was trained on {run.meta.get('train', {}).get('data')})"
+        )
+
+
 def _check_layers(run: RunSpec, layers: Optional[Sequence[int]]) -> list[int]:
     if layers is None:
         return list(run.coder.layers)
@@ -223,7 +230,7 @@ def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, c
 
 def evaluate(
     run_dir: str | Path,
-    data: str,
+    data: Optional[str],
     tokens: int = 20_000,
     downstream_tokens: int = 4_000,
     split: str = "test",
@@ -239,6 +246,7 @@ def evaluate(
     started = time.perf_counter()
     dev = resolve_device(device)
     run = open_run(run_dir, dev)
+    require_data(run, data)
     layers = _check_layers(run, layers)
     trained_on = run.meta["model_fingerprint"]
     cache = None
