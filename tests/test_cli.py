@@ -42,3 +42,28 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     code = main(["cache", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "missing.gguf does not exist" in err
+
+
+def test_train_eval_compare_analyze_report_from_the_command_line(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    model = tiny_model("gpt2", n_layers=2)
+    model.model.save_pretrained(tmp_path / "m")
+    model.tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("the command line trains, evaluates and compares two runs. " * 60)
+    common = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "--ctx", "32", "--tokens", "256",
+              "--tokens-per-step", "64", "--micro-batch-tokens", "64", "--expansion-factor", "2", "-k", "4",
+              "--lr", "0.003", "--device", "cpu"]
+    assert main(["train", *common, "--arch", "mlsae", "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", *common, "--arch", "per-layer", "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "a")]) == 2  # refuses to overwrite a run
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "a"), "--compare", str(tmp_path / "b"), "--data", str(tmp_path / "t.txt"),
+                 "--tokens", "100", "--downstream-tokens", "30", "--device", "cpu", "--out", str(tmp_path / "e")]) == 0
+    table = pq.read_table(tmp_path / "e" / "compare.parquet")
+    assert table.column_names[:3] == ["layer", "fvu[a]", "fvu[b]"] and table.num_rows == 3
+    assert (tmp_path / "e" / "a" / "eval.parquet").is_file() and (tmp_path / "e" / "b" / "eval.parquet").is_file()
+    assert main(["analyze", str(tmp_path / "a"), "--data", str(tmp_path / "t.txt"), "--tokens", "100", "--device", "cpu"]) == 0
+    assert "variance ratio" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "report" / "index.html").is_file()
