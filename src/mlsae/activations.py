@@ -42,9 +42,6 @@ class ActivationBatch:
     def __len__(self) -> int:
         return self.acts.shape[0]
 
-    def to(self, device) -> "ActivationBatch":
-        return ActivationBatch(self.acts.to(device), self.token_ids, self.window, self.position)
-
     def take(self, index: Tensor) -> "ActivationBatch":
         return ActivationBatch(self.acts[index], self.token_ids[index], self.window[index], self.position[index])
 

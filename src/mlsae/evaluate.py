@@ -36,10 +36,6 @@ class RunSpec:
     coder: SparseCoder
     meta: dict
 
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
 
 def open_run(folder: str | Path, device: str | torch.device = "cpu") -> RunSpec:
     folder = Path(folder)
