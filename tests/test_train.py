@@ -83,6 +83,8 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
         return real_step(batches)
 
     monkeypatch.setattr(trainer, "_step", interrupt_at_step_5)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:  # a line a crash could leave past the checkpoint
+        f.write(json.dumps({"step": 99}) + "\n")
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
@@ -90,6 +92,8 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
     train(cfg(tmp_path / "run", cache_dir, resume=True))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 16))
 
 
 def test_dead_latents_are_counted_in_tokens(tmp_path, cache_dir):

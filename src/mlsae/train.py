@@ -132,6 +132,14 @@ class Trainer:
         state = torch.load(folder / "trainer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.state = TrainState(state["step"], state["tokens"], state["tokens_since_fired"].to(self.device))
+        self._drop_metrics_after(self.state.step)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """After a crash, the log may hold steps past the checkpoint: they are about to be redone."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in lines))
 
     # ---------------------------------------------------------------------------------------
     def _buffers(self) -> Iterator[RowBuffer]:
