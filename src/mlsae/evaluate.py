@@ -110,6 +110,10 @@ class ReconstructionStats:
         self.fired[layer[active].cpu(), top_idx[active].cpu()] = True
         self.count += x.shape[0]
 
+    def layer_means(self) -> Tensor:
+        """``[layers, d]``: the mean raw residual per layer (the mean-ablation replacement)."""
+        return self.sums["x"] / max(self.count, 1)
+
     def table(self) -> dict[str, list]:
         s, n = self.sums, max(self.count, 1)
         var = s["sq"] - s["x"].pow(2).sum(1) / n  # sum ||x - mean||^2
@@ -258,7 +262,6 @@ def evaluate(
     excl = run.meta.get("train", {}).get("exclude_first_position", True)
     stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_shape() != (run.coder.n_latents,))
     windows: list[Tensor] = []
-    layer_sum = torch.zeros(len(run.coder.layers), run.coder.d_model, dtype=torch.float64)
 
     if cache is not None:
         source = cache.batches(batch_tokens, shuffle=False)
@@ -281,7 +284,6 @@ def evaluate(
         with torch.no_grad():
             o = run.coder(x)
         stats.update(x.cpu(), o.x_hat.cpu(), o.top_acts.cpu(), o.top_idx.cpu())
-        layer_sum += x.double().sum(0).cpu()
         bar.update(len(batch))
         if stats.count >= tokens:
             break
@@ -308,7 +310,7 @@ def evaluate(
             chosen.append(w)
             counted += int(keep_mask(w[None], special, excl).sum())
         ctx_len = int(chosen[0].shape[0])
-        ds = downstream(model, run.coder, chosen, layers, (layer_sum / stats.count).float().to(dev), excl,
+        ds = downstream(model, run.coder, chosen, layers, stats.layer_means().float().to(dev), excl,
                         max(1, batch_tokens // ctx_len // 2), progress)
         columns.update(ds)
         ds_seconds = time.perf_counter() - ds_started
