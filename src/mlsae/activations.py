@@ -241,7 +241,7 @@ class ActivationCache:
         r = torch.from_numpy(np.concatenate(rows).astype(np.int64))
         return ActivationBatch(a.float(), self.windows[r[:, 0], r[:, 1]], r[:, 0], r[:, 1])
 
-    def buffers(self, seed: int = 0, buffer_mb: int = 512, buffer_rows: Optional[int] = None) -> Iterator["RowBuffer"]:
+    def buffers(self, seed: int = 0, buffer_mb: int = 512) -> Iterator["RowBuffer"]:
         """The rows in a seeded random order, as buffers that fit in ``buffer_mb``.
 
         Shuffling is two-level so memory stays bounded: the rows are cut into blocks, the
@@ -249,9 +249,8 @@ class ActivationCache:
         permuted together. Nothing is read until a buffer is loaded.
         """
         rng = np.random.default_rng(seed)
-        if buffer_rows is None:
-            row_bytes = self.manifest["row_bytes"] * 4 // torch.tensor([], dtype=self.dtype).element_size()
-            buffer_rows = max(1, buffer_mb * 2**20 // row_bytes)
+        row_bytes = self.manifest["row_bytes"] * 4 // torch.tensor([], dtype=self.dtype).element_size()
+        buffer_rows = max(1, buffer_mb * 2**20 // row_bytes)
         block = max(1, buffer_rows // 16)
         order = np.arange(len(self))
         blocks = [order[i : i + block] for i in range(0, len(order), block)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .activations import ActivationCache, check_finite, live_batches
+from .activations import check_finite
 from .analysis import Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, decoder_geometry, prompt_heatmap
 from .config import save_json
 from .errors import MlsaeError
-from .evaluate import RunSpec, open_run, require_data, windows_for_run
+from .evaluate import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
 from .text import keep_mask
 
@@ -70,38 +70,21 @@ def analyze(
     out = Path(out) if out else run.folder / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     coder = run.coder
-    cache = ActivationCache(data) if (Path(data) / "manifest.json").is_file() else None
+    cache = open_cache_for(run, data)
     if model is None:
         model = load_model(run.meta["model"], device=str(dev))
-    if model.fingerprint() != run.meta["model_fingerprint"]:
-        raise MlsaeError(f"model {model.name} is not the model {run.folder} was trained on ({run.meta['model']})")
+    check_model(run, model)
     shared = coder.latent_shape() == (coder.n_latents,)
     layers = coder.layers
-    windows: list[torch.Tensor] = []
-    if cache is not None:
-        if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
-            raise MlsaeError(f"analysis data {data} was captured for another model ({cache.manifest['model']})")
-        cache.check_matches(layers=layers)
-        source: Iterator = cache.batches(batch_tokens, shuffle=False)
-        windows = list(cache.windows)
-        excl = cache.manifest.get("exclude_first_position", True)
-    else:
-        win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
-        excl = data_cfg.exclude_first_position
-
-        def recorded() -> Iterator[torch.Tensor]:
-            for w in win_iter:
-                windows.append(w)
-                yield w
-
-        source = live_batches(model, recorded(), layers, max(1, batch_tokens // data_cfg.ctx), excl)
+    source = held_out(run, model, cache, data, split, ctx, batch_tokens)
+    windows, excl = source.windows, source.exclude_first_position
 
     dist = LayerDistribution(coder.n_latents, layers, shared_dictionary=shared)
     examples = TopExamples(coder.n_latents, layers, n=top_n, per_layer=True)
     drift: Optional[Drift] = None
     seen = 0
     bar = tqdm(total=tokens, unit="tok", desc="analyse", disable=not progress)
-    for batch in source:
+    for batch in source.batches:
         batch = batch.slice(0, tokens - seen)
         x = batch.acts.to(dev, torch.float32)
         check_finite(x, "analysis data", layers)

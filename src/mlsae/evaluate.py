@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import ActivationCache, check_finite, live_batches
+from .activations import ActivationBatch, ActivationCache, check_finite, live_batches
 from .config import DataConfig, from_dict, save_json
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
@@ -228,6 +228,52 @@ def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, c
     return data_windows(cfg, model.tokenizer), cfg
 
 
+def open_cache_for(run: RunSpec, data: str) -> Optional[ActivationCache]:
+    """The activation cache ``data`` names (None for text), refused if captured for another model."""
+    if not (Path(data) / "manifest.json").is_file():
+        return None
+    cache = ActivationCache(data)
+    if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
+        raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
+    cache.check_matches(layers=run.coder.layers)
+    return cache
+
+
+def check_model(run: RunSpec, model: ResidualModel) -> None:
+    if model.fingerprint() != run.meta["model_fingerprint"]:
+        raise MlsaeError(f"model {model.name} is not the model {run.folder} was trained on ({run.meta['model']})")
+
+
+@dataclass
+class HeldOut:
+    """Held-out batches of the run's layers and the windows they come from."""
+
+    batches: Iterator[ActivationBatch]
+    windows: list[Tensor]  # for text, filled as the batches are read
+    exclude_first_position: bool
+
+
+def held_out(
+    run: RunSpec, model: Optional[ResidualModel], cache: Optional[ActivationCache], data: str, split: str,
+    ctx: Optional[int], batch_tokens: int,
+) -> HeldOut:
+    """Batches in file order from a cache, or captured live from text packed like the run's."""
+    if cache is not None:
+        return HeldOut(cache.batches(batch_tokens, shuffle=False), list(cache.windows),
+                       cache.manifest.get("exclude_first_position", True))
+    win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
+    windows: list[Tensor] = []
+
+    def recorded() -> Iterator[Tensor]:
+        for w in win_iter:
+            windows.append(w)
+            yield w
+
+    excl = data_cfg.exclude_first_position
+    batches = live_batches(model, recorded(), run.coder.layers, max(1, batch_tokens // data_cfg.ctx), excl)
+    return HeldOut(batches, windows, excl)
+
+
 def evaluate(
     run_dir: str | Path,
     data: Optional[str],
@@ -248,36 +294,17 @@ def evaluate(
     run = open_run(run_dir, dev)
     require_data(run, data)
     layers = _check_layers(run, layers)
-    trained_on = run.meta["model_fingerprint"]
-    cache = None
-    if Path(data).is_dir() and (Path(data) / "manifest.json").is_file():
-        cache = ActivationCache(data)
-        if cache.manifest["model_fingerprint"] != trained_on:
-            raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
-        cache.check_matches(layers=run.coder.layers)
+    cache = open_cache_for(run, data)
     if model is None and (downstream_tokens > 0 or cache is None):
         model = load_model(cache.manifest["model"] if cache else run.meta["model"], device=str(dev))
-    if model is not None and model.fingerprint() != trained_on:
-        raise MlsaeError(f"model {model.name} is not the model {run_dir} was trained on ({run.meta['model']})")
+    if model is not None:
+        check_model(run, model)
     excl = run.meta.get("train", {}).get("exclude_first_position", True)
     stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_shape() != (run.coder.n_latents,))
-    windows: list[Tensor] = []
-
-    if cache is not None:
-        source = cache.batches(batch_tokens, shuffle=False)
-        windows = list(cache.windows)
-    else:
-        win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
-
-        def recorded() -> Iterator[Tensor]:
-            for w in win_iter:
-                windows.append(w)
-                yield w
-
-        per_batch = max(1, batch_tokens // data_cfg.ctx)
-        source = live_batches(model, recorded(), run.coder.layers, per_batch, excl)
+    source = held_out(run, model, cache, data, split, ctx, batch_tokens)
+    windows = source.windows
     bar = tqdm(total=tokens, unit="tok", desc="reconstruction", disable=not progress)
-    for batch in source:
+    for batch in source.batches:
         batch = batch.slice(0, tokens - stats.count)
         x = batch.acts.to(dev, torch.float32)
         check_finite(x, "evaluation data", run.coder.layers)
