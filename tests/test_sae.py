@@ -10,11 +10,12 @@ from mlsae.sae import (
     MultiLayerSAE,
     PerLayerSAEs,
     default_k_aux,
+    geometric_median,
     fvu_per_layer,
     load_coder,
     save_coder,
-    standardize,
 )
+from mlsae.transforms import standardize
 
 
 def np_standardize(x):
@@ -68,7 +69,7 @@ def test_fvu_per_layer_matches_numpy_and_hand_value():
 
 @pytest.mark.parametrize("loss_space", ["standardized", "raw"])
 def test_mlsae_forward_matches_equations(loss_space):
-    cfg = SAEConfig(arch="mlsae", expansion_factor=2, k=3, loss_space=loss_space, decoder_impl="dense")
+    cfg = SAEConfig(center_layers=False, arch="mlsae", expansion_factor=2, k=3, loss_space=loss_space, decoder_impl="dense")
     coder = MultiLayerSAE(cfg, d_model=8, layers=[0, 1, 2], seed=1)
     with torch.no_grad():
         coder.sae.b_pre.normal_()
@@ -86,7 +87,7 @@ def test_mlsae_forward_matches_equations(loss_space):
 
 def test_auxk_matches_hand_computation():
     d, n, k, k_aux = 4, 8, 2, 2
-    cfg = SAEConfig(arch="mlsae", expansion_factor=2, k=k, k_aux=k_aux, aux_coef=0.5, decoder_impl="dense")
+    cfg = SAEConfig(center_layers=False, arch="mlsae", expansion_factor=2, k=k, k_aux=k_aux, aux_coef=0.5, decoder_impl="dense")
     coder = MultiLayerSAE(cfg, d_model=d, layers=[0, 1], seed=3)
     x = torch.randn(6, 2, d)
     dead = torch.zeros(n, dtype=torch.bool)
@@ -113,7 +114,7 @@ def test_auxk_matches_hand_computation():
 
 
 def test_decoder_normalisation_and_gradient_projection():
-    coder = MultiLayerSAE(SAEConfig(expansion_factor=2, k=2), d_model=6, layers=[0])
+    coder = MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=2, k=2), d_model=6, layers=[0])
     W = coder.sae.W_dec
     g = torch.randn_like(W)
     W.grad = g.clone()
@@ -129,7 +130,7 @@ def test_decoder_normalisation_and_gradient_projection():
 
 
 def test_per_layer_is_independent_single_layer_coders():
-    cfg = SAEConfig(arch="per-layer", expansion_factor=2, k=3, decoder_impl="dense")
+    cfg = SAEConfig(center_layers=False, arch="per-layer", expansion_factor=2, k=3, decoder_impl="dense")
     coder = PerLayerSAEs(cfg, d_model=8, layers=[0, 4], seed=0)
     x = torch.randn(12, 2, 8)
     out = coder(x)
@@ -144,7 +145,7 @@ def test_per_layer_is_independent_single_layer_coders():
 
 
 def test_per_layer_auxk_only_where_latents_are_dead():
-    coder = PerLayerSAEs(SAEConfig(arch="per-layer", expansion_factor=2, k=2), d_model=4, layers=[0, 1])
+    coder = PerLayerSAEs(SAEConfig(center_layers=False, arch="per-layer", expansion_factor=2, k=2), d_model=4, layers=[0, 1])
     dead = torch.zeros(2, 8, dtype=torch.bool)
     dead[1, 3] = True
     out = coder(torch.randn(5, 2, 4), dead)
@@ -155,7 +156,7 @@ def test_sparse_and_dense_paths_agree_with_gradients():
     x = torch.randn(16, 3, 8)
     outs = []
     for impl in ("sparse", "dense"):
-        coder = MultiLayerSAE(SAEConfig(expansion_factor=4, k=4, decoder_impl=impl), d_model=8, layers=[0, 1, 2], seed=0)
+        coder = MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=4, k=4, decoder_impl=impl), d_model=8, layers=[0, 1, 2], seed=0)
         dead = torch.zeros(32, dtype=torch.bool)
         dead[:10] = True
         out = coder(x, dead)
@@ -168,19 +169,19 @@ def test_sparse_and_dense_paths_agree_with_gradients():
 
 def test_bad_settings():
     with pytest.raises(MlsaeError, match="k 100 is larger than the number of latents"):
-        MultiLayerSAE(SAEConfig(expansion_factor=2, k=100), d_model=8, layers=[0])
+        MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=2, k=100), d_model=8, layers=[0])
     with pytest.raises(MlsaeError, match="expansion_factor 0: expected a positive integer"):
-        MultiLayerSAE(SAEConfig(expansion_factor=0), d_model=8, layers=[0])
+        MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=0), d_model=8, layers=[0])
     with pytest.raises(MlsaeError, match="k -1: expected a positive integer"):
-        MultiLayerSAE(SAEConfig(k=-1), d_model=8, layers=[0])
-    coder = MultiLayerSAE(SAEConfig(expansion_factor=2, k=2), d_model=8, layers=[0, 1])
+        MultiLayerSAE(SAEConfig(center_layers=False, k=-1), d_model=8, layers=[0])
+    coder = MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=2, k=2), d_model=8, layers=[0, 1])
     with pytest.raises(MlsaeError, match=r"expected \[tokens, 2, 8\]"):
         coder(torch.randn(3, 3, 8))
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
     for cls, arch in ((MultiLayerSAE, "mlsae"), (PerLayerSAEs, "per-layer")):
-        coder = cls(SAEConfig(arch=arch, expansion_factor=2, k=2), d_model=8, layers=[1, 3], seed=7)
+        coder = cls(SAEConfig(center_layers=False, arch=arch, expansion_factor=2, k=2), d_model=8, layers=[1, 3], seed=7)
         save_coder(coder, tmp_path / arch, "tiny", "abc123")
         loaded, meta = load_coder(tmp_path / arch, model_fingerprint="abc123", arch=arch)
         assert type(loaded) is cls and meta["layers"] == [1, 3]
@@ -194,3 +195,57 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         load_coder(tmp_path / "mlsae", arch="per-layer")
     with pytest.raises(MlsaeError, match="holds no config.json"):
         load_coder(tmp_path / "nothing")
+
+
+def np_weiszfeld(points, iters=2000):
+    """The plain Weiszfeld iteration, in numpy, with a fixed number of steps."""
+    y = points.mean(0)
+    for _ in range(iters):
+        dist = np.sqrt(((points - y) ** 2).sum(1))
+        w = 1 / np.maximum(dist, 1e-12)
+        y = (w[:, None] * points).sum(0) / w.sum()
+    return y
+
+
+def test_geometric_median_matches_weiszfeld_and_resists_outliers():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    pts[:10] += 1000.0  # a few huge vectors drag the mean, not the median
+    med = geometric_median(pts)
+    np.testing.assert_allclose(med.numpy(), np_weiszfeld(pts.numpy()), atol=1e-5)
+    total = lambda y: (pts - y).norm(dim=1).sum()  # noqa: E731
+    assert total(med) < total(pts.mean(0))
+    for _ in range(5):  # a local minimum of the sum of distances
+        assert total(med) <= total(med + 1e-3 * torch.randn(5, generator=g, dtype=torch.float64))
+    assert med.norm() < 5 < pts.mean(0).norm()
+
+
+@pytest.mark.parametrize("how", ["geometric_median", "mean", "zero"])
+def test_b_pre_starts_where_asked_in_the_coder_space(how):
+    x = torch.randn(40, 2, 6) + torch.tensor([3.0, -2.0, 0, 0, 1, 0])
+    for cls, arch in ((MultiLayerSAE, "mlsae"), (PerLayerSAEs, "per-layer")):
+        coder = cls(SAEConfig(arch=arch, expansion_factor=2, k=2, b_pre_init=how, center_layers=False), d_model=6, layers=[0, 1])
+        coder.initialise(x)
+        xs, _, _ = standardize(x)
+        groups = [xs.reshape(-1, 6)] if arch == "mlsae" else [xs[:, 0], xs[:, 1]]
+        for sae, pts in zip(coder.dictionaries(), groups):
+            expected = {"geometric_median": lambda: torch.from_numpy(np_weiszfeld(pts.double().numpy())).float(),
+                        "mean": lambda: pts.mean(0), "zero": lambda: torch.zeros(6)}[how]()
+            torch.testing.assert_close(sae.b_pre.detach(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(MlsaeError, match="b_pre_init 'median': expected one of geometric_median, mean, zero"):
+        MultiLayerSAE(SAEConfig(b_pre_init="median"), d_model=6, layers=[0])
+
+
+def test_old_runs_without_the_new_settings_load_as_they_were_trained(tmp_path):
+    import json
+
+    coder = MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=2, k=2), d_model=8, layers=[0, 1])
+    save_coder(coder, tmp_path, "tiny", "abc")
+    meta = json.loads((tmp_path / "config.json").read_text())
+    for key in ("center_layers", "b_pre_init"):
+        del meta["sae"][key]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded, _ = load_coder(tmp_path)
+    assert loaded.cfg.center_layers is False and loaded.cfg.b_pre_init == "zero"
+    x = torch.randn(3, 2, 8)
+    assert torch.equal(loaded(x).x_hat, coder(x).x_hat)

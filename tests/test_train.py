@@ -31,7 +31,7 @@ def cfg(out, cache=None, **kw):
     base = dict(
         out=str(out), cache=str(cache) if cache else None, data="unused", expansion_factor=2, k=4,
         tokens=960, tokens_per_step=64, micro_batch_tokens=32, lr=3e-3, checkpoint_tokens=320,
-        device="cpu", shuffle_buffer_mb=1, ctx=32, decoder_impl="sparse",
+        device="cpu", shuffle_buffer_mb=1, ctx=32, decoder_impl="sparse", init_tokens=256,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -45,7 +45,8 @@ def weights(folder):
 def test_training_from_cache_lowers_the_loss_and_writes_a_run(tmp_path, cache_dir, arch):
     result = train(cfg(tmp_path / "run", cache_dir, arch=arch, tokens=1280))
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 1280 // 64 and lines[-1]["tokens"] == 1280 == result["tokens"]
+    assert len(lines) == 1 + 1280 // 64 and lines[-1]["tokens"] == 1280 == result["tokens"]
+    assert lines[0]["step"] == 0 and lines[0]["tokens"] == 0  # the initial FVU, before any step
     assert np.mean([l["fvu"] for l in lines[-3:]]) < 0.8 * np.mean([l["fvu"] for l in lines[:3]])
     assert len(lines[0]["fvu_per_layer"]) == 3
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -56,20 +57,48 @@ def test_training_from_cache_lowers_the_loss_and_writes_a_run(tmp_path, cache_di
         torch.testing.assert_close(d.norm(dim=1), torch.ones(d.shape[0]))
 
 
+def test_a_run_saved_with_centring_loads_and_evaluates_to_the_same_numbers(tmp_path, cache_dir):
+    from mlsae.activations import ActivationCache
+    from mlsae.evaluate import evaluate
+    from mlsae.sae import fvu_per_layer, load_coder
+
+    trainer = Trainer(cfg(tmp_path / "run", cache_dir, tokens=320))
+    trainer.train()
+    loaded, meta = load_coder(tmp_path / "run")
+    assert meta["transforms"] == ["standardize", "center_layers"] and meta["init"]["b_pre"] == "geometric_median"
+    torch.testing.assert_close(loaded.transform.steps[1].mean, trainer.coder.transform.steps[1].mean)
+    x = torch.cat([b.acts for b in ActivationCache(cache_dir).batches(500, shuffle=False)])
+    with torch.no_grad():
+        x_hat = loaded(x).x_hat
+        torch.testing.assert_close(x_hat, trainer.coder(x).x_hat)
+    table = evaluate(tmp_path / "run", str(cache_dir), tokens=len(x), downstream_tokens=0, device="cpu", progress=False)
+    np.testing.assert_allclose(table.column("fvu").to_pylist()[:-1], fvu_per_layer(x.double(), x_hat.double()).numpy(), rtol=1e-4)
+
+
 def test_training_live_from_the_model(tmp_path, tiny):
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXT))
     result = train(cfg(tmp_path / "run", data=str(tmp_path / "t.jsonl"), tokens=320), model=tiny)
     assert result["tokens"] == 320 and result["fvu"] < 1.5
 
 
-def test_resume_is_bit_identical(tmp_path, cache_dir):
+def test_resume_is_bit_identical_and_keeps_the_frozen_means(tmp_path, cache_dir, monkeypatch):
+    from mlsae.sae import SparseCoder
+
     train(cfg(tmp_path / "full", cache_dir))
     train(cfg(tmp_path / "half", cache_dir, tokens=448))  # stops mid-epoch, between checkpoints
+    fitted = weights(tmp_path / "half" / "checkpoint")["transform.steps.1.mean"]
+    assert fitted.abs().sum() > 0
+
+    def refit(*args):
+        raise AssertionError("a resumed run must not fit its transforms or b_pre again")
+
+    monkeypatch.setattr(SparseCoder, "initialise", refit)
     train(cfg(tmp_path / "half", cache_dir, resume=True))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(b["transform.steps.1.mean"], fitted)
     metrics = [json.loads(l) for l in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 16))
+    assert [m["step"] for m in metrics] == list(range(0, 16))
 
 
 def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
@@ -93,12 +122,13 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
     a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 16))
+    assert steps == list(range(0, 16))
 
 
 def test_dead_latents_are_counted_in_tokens(tmp_path, cache_dir):
     trainer = Trainer(cfg(tmp_path / "run", cache_dir, dead_tokens=100, expansion_factor=8, k=1))
     batch = next(iter(trainer.cache.batches(32, shuffle=False)))
+    trainer.coder.initialise(batch.acts)
     fired_before = trainer.state.tokens_since_fired.clone()
     trainer._step([batch, batch])
     since = trainer.state.tokens_since_fired
@@ -172,3 +202,43 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cac
     monkeypatch.undo()
     resumed = Trainer(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True))
     assert resumed.state.tokens == 128
+
+
+def planted_model():
+    """A tiny Llama whose blocks each add a large constant to one dimension of the residual
+    stream: massive, nearly constant dimensions that differ from layer to layer."""
+    import transformers
+
+    from conftest import char_tokenizer, tiny_config
+    from mlsae.model import ResidualModel
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", n_layers=3)
+    config.mlp_bias = True
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for l, block in enumerate(hf.model.layers):
+            block.mlp.down_proj.bias.zero_()
+            block.mlp.down_proj.bias[3 + 5 * l] = 60.0 * (l + 1)
+    return ResidualModel(hf.float().eval(), char_tokenizer(), "tiny-llama-planted")
+
+
+@pytest.fixture(scope="module")
+def planted_cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted") / "c"
+    model = planted_model()
+    write_cache(model, pack_windows(TEXT, model.tokenizer, 32), folder, tokens=1500, shard_tokens=400)
+    return folder
+
+
+def test_a_planted_outlier_dimension_starts_far_above_fvu_1_without_centring_and_near_1_with_it(tmp_path, planted_cache):
+    x = torch.from_numpy(np.fromfile(planted_cache / "acts-00000.bin", dtype=np.float32)).view(-1, 3, 32)
+    assert (x[:, 1, 8].std() / x[:, 1, 8].abs().mean()) < 0.1  # the planted dimension is nearly constant
+    starts = {}
+    for name, kw in {"old": dict(center_layers=False, b_pre_init="zero"), "new": {}}.items():
+        train(cfg(tmp_path / name, planted_cache, tokens=512, init_tokens=512, **kw))
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert saved["init"]["fvu"] == pytest.approx(first["fvu"]) and saved["init"]["tokens"] == 512
+        starts[name] = saved["init"]["fvu"]
+    assert starts["old"] > 5 and 0.5 < starts["new"] < 1.5, starts

@@ -71,7 +71,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         print(f"evaluating {run}")
         tables[name] = evaluate(
             run, cfg.data, cfg.tokens, cfg.downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
-            cfg.batch_tokens, out,
+            cfg.batch_tokens, out, ablations=cfg.ablations,
         )
         shown = [c for c in ("layer", "fvu", "fvu_standardized", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl",
                              "loss_recovered_zero") if c in tables[name].column_names]

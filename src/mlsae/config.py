@@ -80,8 +80,12 @@ class SAEConfig:
     """A latent is dead when it has not fired at any layer within this many tokens."""
     standardize: bool = True
     """Standardise each input vector to zero mean and unit variance before encoding."""
+    center_layers: bool = True
+    """Subtract each layer's mean (fitted on the first batches after standardising, then frozen) before the encoder; add it back after the decoder."""
+    b_pre_init: str = "geometric_median"
+    """Where b_pre starts, in the space the coder sees: geometric_median or mean of the first batches, or zero."""
     loss_space: str = "standardized"
-    """Which FVU training minimises: standardized (inputs after standardising) or raw."""
+    """Which FVU training minimises: standardized (the coder's input, after the transforms above) or raw."""
     decoder_impl: str = "auto"
     """Sparse decode and encoder backward: auto, sparse (k rows per example) or dense."""
 
@@ -94,6 +98,8 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
     """Training tokens (each gives one example per layer)."""
     tokens_per_step: int = 131_072
     """Tokens per optimizer step (gradient accumulation over micro-batches)."""
+    init_tokens: int = 4096
+    """Tokens read before the first step to fit the layer means and start b_pre (then trained on as usual)."""
     micro_batch_tokens: int = 4096
     """Tokens per forward/backward pass of the sparse coder."""
     lr: float = 1e-4
@@ -140,6 +146,8 @@ class HeldOutConfig:
 class EvalConfig(HeldOutConfig):
     downstream_tokens: int = 4_000
     """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them."""
+    ablations: bool = True
+    """Also measure zero- and mean-ablation and loss recovered (triples the downstream cost)."""
     layers: Optional[list[int]] = None
     """Evaluate only these layers (default: every layer of the run)."""
     compare: Optional[list[str]] = None

@@ -28,6 +28,7 @@ from . import __version__
 from .config import SAEConfig, from_dict, save_json, to_dict
 from .errors import MlsaeError
 from .kernels import resolve_impl, sparse_decode, topk_encode
+from .transforms import build_transforms
 
 ARRANGEMENTS: dict[str, type["SparseCoder"]] = {}
 
@@ -46,11 +47,47 @@ def default_k_aux(d: int) -> int:
     return 2 ** max(0, round(math.log2(max(d / 2, 1))))
 
 
-def standardize(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """Zero mean, unit variance over the last dimension; returns (x_std, mean, std) to undo it."""
-    mean = x.mean(-1, keepdim=True)
-    std = (x.var(-1, keepdim=True, correction=0) + eps).sqrt()
-    return (x - mean) / std, mean, std
+B_PRE_INITS = ("geometric_median", "mean", "zero")
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7, eps: float = 1e-8) -> Tensor:
+    """``points: [n, d]`` -> ``[d]``, the point minimising the sum of Euclidean distances.
+
+    Weiszfeld's iteration from the mean: each step is the average of the points weighted by
+    the inverse of their distance to the current estimate. Gao et al. (2024) and Lawson et al.
+    start b_pre here: unlike the mean it is not dragged by a few huge vectors.
+    """
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise MlsaeError(f"geometric median of shape {tuple(points.shape)}: expected [n >= 1, d]")
+    p = points.double()
+    y = p.mean(0)
+    for _ in range(max_iter):
+        w = 1 / (p - y).norm(dim=1).clamp_min(eps)
+        y_next = (w[:, None] * p).sum(0) / w.sum()
+        moved = float((y_next - y).norm())
+        y = y_next
+        if moved <= tol * max(1.0, float(y.norm())):
+            break
+    return y.to(points.dtype)
+
+
+def start_point(points: Tensor, how: str, max_points: int = 65_536) -> Tensor:
+    """Where b_pre starts for vectors ``points: [n, d]``: their geometric median, mean, or zero.
+
+    The median is taken over at most ``max_points`` of them (a seeded random subset), which
+    bounds its memory on large models.
+    """
+    if how == "geometric_median":
+        if points.shape[0] > max_points:
+            g = torch.Generator().manual_seed(0)
+            points = points[torch.randperm(points.shape[0], generator=g)[:max_points].to(points.device)]
+        return geometric_median(points)
+    if how == "mean":
+        return points.mean(0)
+    if how == "zero":
+        return torch.zeros_like(points[0])
+    raise MlsaeError(f"b_pre_init {how!r}: expected one of {', '.join(B_PRE_INITS)}")
 
 
 def fvu_per_layer(x: Tensor, x_hat: Tensor, variance_of: Optional[Tensor] = None) -> Tensor:
@@ -139,19 +176,26 @@ class SparseCoder(nn.Module):
             raise MlsaeError(f"k {cfg.k} is larger than the number of latents ({n_latents} = {cfg.expansion_factor} x {d_model})")
         if cfg.loss_space not in ("standardized", "raw"):
             raise MlsaeError(f"loss_space {cfg.loss_space!r}: expected standardized or raw")
+        if cfg.b_pre_init not in B_PRE_INITS:
+            raise MlsaeError(f"b_pre_init {cfg.b_pre_init!r}: expected one of {', '.join(B_PRE_INITS)}")
         self.cfg = cfg
         self.d_model = d_model
         self.layers = list(layers)
         self.n_latents = n_latents
         self.k_aux = cfg.k_aux or default_k_aux(d_model)
         self.impl = resolve_impl(cfg.decoder_impl)
+        self.transform = build_transforms(cfg.standardize, cfg.center_layers, len(self.layers), d_model)
 
-    # Subclasses provide these three.
+    # Subclasses provide these four.
     def dictionaries(self) -> list[TopK]:
         raise NotImplementedError
 
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of the per-latent bookkeeping (dead tracking): one entry per latent."""
+        raise NotImplementedError
+
+    def _start_b_pre(self, x: Tensor) -> None:
+        """Set each dictionary's b_pre from ``x: [tokens, layers, d]`` in the coder's space."""
         raise NotImplementedError
 
     def _code(self, x: Tensor, dead: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -162,26 +206,41 @@ class SparseCoder(nn.Module):
         """
         raise NotImplementedError
 
-    def forward(self, x: Tensor, dead: Optional[Tensor] = None) -> CoderOutput:
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[1:] != (len(self.layers), self.d_model):
             raise MlsaeError(f"input of shape {tuple(x.shape)}: expected [tokens, {len(self.layers)}, {self.d_model}]")
-        if self.cfg.standardize:
-            x_in, mean, std = standardize(x)
-        else:
-            x_in, mean, std = x, torch.zeros_like(x[..., :1]), torch.ones_like(x[..., :1])
-        x_hat_std, top_acts, top_idx, e_hat, aux_layers = self._code(x_in, dead)
-        x_hat = x_hat_std * std + mean
+
+    @torch.no_grad()
+    def initialise(self, x: Tensor) -> None:
+        """Before the first step: fit the frozen input transforms on ``x: [tokens, layers, d]``
+        (raw residual vectors), then start b_pre where ``cfg.b_pre_init`` says, in the space the
+        coder sees."""
+        self._check_input(x)
+        self.transform.fit(x)
+        x_in, _ = self.transform(x)
+        self._start_b_pre(x_in)
+
+    def forward(self, x: Tensor, dead: Optional[Tensor] = None) -> CoderOutput:
+        """Transform ``x: [tokens, layers, d]``, code it, map the output back; losses per eq. 7.
+
+        The loss space "standardized" is the coder's own input space (after every transform:
+        a per-layer shift leaves FVU unchanged); "raw" is the model's units.
+        """
+        self._check_input(x)
+        x_in, state = self.transform(x)
+        x_hat_in, top_acts, top_idx, e_hat, aux_layers = self._code(x_in, dead)
+        x_hat = self.transform.inverse(x_hat_in, state)
         if self.cfg.loss_space == "standardized":
-            target, recon = x_in, x_hat_std
+            target, recon = x_in, x_hat_in
         else:
             target, recon = x, x_hat
         fvu = fvu_per_layer(target, recon)
         if e_hat is None:
             auxk = torch.zeros_like(fvu)
         else:
-            e = (x_in - x_hat_std).detach()
+            e = (x_in - x_hat_in).detach()
             if self.cfg.loss_space == "raw":
-                e, e_hat = e * std, e_hat * std
+                e, e_hat = self.transform.inverse_delta(e, state), self.transform.inverse_delta(e_hat, state)
             auxk = fvu_per_layer(e, e_hat, variance_of=target)
             if aux_layers is not None:
                 auxk = auxk * aux_layers
@@ -225,6 +284,9 @@ class MultiLayerSAE(SparseCoder):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.n_latents,)
 
+    def _start_b_pre(self, x):
+        self.sae.b_pre.copy_(start_point(x.reshape(-1, x.shape[-1]), self.cfg.b_pre_init))
+
     def _code(self, x, dead):
         n, n_layers, d = x.shape
         flat = x.reshape(n * n_layers, d)
@@ -255,6 +317,10 @@ class PerLayerSAEs(SparseCoder):
 
     def latent_shape(self) -> tuple[int, ...]:
         return (len(self.layers), self.n_latents)
+
+    def _start_b_pre(self, x):
+        for i, sae in enumerate(self.saes):
+            sae.b_pre.copy_(start_point(x[:, i], self.cfg.b_pre_init))
 
     def _code(self, x, dead):
         x_hats, acts, idxs, e_hats = [], [], [], []
@@ -300,6 +366,10 @@ def save_coder(
     )
 
 
+LEGACY_SAE_SETTINGS = {"center_layers": False, "b_pre_init": "zero"}
+"""What runs saved before these settings existed did: no centring, b_pre from zero."""
+
+
 def read_coder_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -318,7 +388,7 @@ def load_coder(
 ) -> tuple[SparseCoder, dict]:
     """Load a saved coder, refusing one trained on another model or of another arrangement."""
     meta = read_coder_config(folder)
-    cfg = from_dict(SAEConfig, meta["sae"])
+    cfg = from_dict(SAEConfig, {**LEGACY_SAE_SETTINGS, **meta["sae"]})
     if cfg.arch not in ARRANGEMENTS:
         raise MlsaeError(f"{folder}: arrangement {cfg.arch!r} is unknown; known: {', '.join(ARRANGEMENTS)}")
     if arch is not None and cfg.arch != arch:

@@ -22,8 +22,11 @@ from .activations import ActivationBatch, ActivationCache, RowBuffer, check_fini
 from .config import SAEConfig, TrainConfig, save_json, subset, to_dict
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device
-from .sae import ARRANGEMENTS, SparseCoder, load_coder, read_coder_config, save_coder
+from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
 from .text import data_windows
+
+
+B_PRE_START = {"geometric_median": "the geometric median", "mean": "the mean", "zero": "zero"}
 
 
 @dataclass
@@ -62,12 +65,13 @@ class Trainer:
         self.coder.to(self.device)
         self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.state = TrainState(tokens_since_fired=torch.zeros(self.coder.latent_shape(), dtype=torch.long, device=self.device))
+        self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
         self._prepare_folder()
 
     # ---------------------------------------------------------------------------------------
     def _check_settings(self) -> None:
         c = self.cfg
-        for name in ("tokens", "tokens_per_step", "micro_batch_tokens", "checkpoint_tokens"):
+        for name in ("tokens", "tokens_per_step", "micro_batch_tokens", "checkpoint_tokens", "init_tokens"):
             if getattr(c, name) <= 0:
                 raise MlsaeError(f"{name} {getattr(c, name)}: expected a positive number")
         if c.lr <= 0:
@@ -80,7 +84,10 @@ class Trainer:
         self.micro = micro
 
     def _run_meta(self) -> dict:
-        return {"train": to_dict(self.cfg)}
+        meta = {"train": to_dict(self.cfg), "transforms": self.coder.transform.describe()}
+        if self.init_info is not None:
+            meta["init"] = self.init_info
+        return meta
 
     def _prepare_folder(self) -> None:
         existing = self.out / "config.json"
@@ -126,12 +133,13 @@ class Trainer:
         if saved["sae"]["arch"] != self.cfg.arch:
             raise MlsaeError(f"--resume: {self.out} holds a {saved['sae']['arch']} run, not {self.cfg.arch}")
         coder, _ = load_coder(folder, model_fingerprint=self.fingerprint, arch=self.cfg.arch, device=self.device)
-        if saved["layers"] != self.layers or saved["sae"] != to_dict(self.coder.cfg):
+        if saved["layers"] != self.layers or {**LEGACY_SAE_SETTINGS, **saved["sae"]} != to_dict(self.coder.cfg):
             raise MlsaeError(f"--resume: the settings differ from those of the run in {self.out} (see its config.json)")
         self.coder.load_state_dict(coder.state_dict())
         state = torch.load(folder / "trainer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.state = TrainState(state["step"], state["tokens"], state["tokens_since_fired"].to(self.device))
+        self.init_info = saved.get("init")
         self._drop_metrics_after(self.state.step)
 
     def _drop_metrics_after(self, step: int) -> None:
@@ -168,6 +176,9 @@ class Trainer:
         started, start_tokens = time.perf_counter(), self.state.tokens
         last: dict = {}
         try:
+            if self.state.step == 0:  # a fresh start: fit the transforms and b_pre, then train on the same batches
+                first = self._initialise(batches, metrics_file)
+                batches = itertools.chain(first, batches)
             while self.state.tokens < cfg.tokens:
                 micro_batches = list(itertools.islice(batches, micro_per_step))
                 if not micro_batches:
@@ -197,6 +208,44 @@ class Trainer:
         self.save_checkpoint()
         save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
         return last
+
+    def _initialise(self, batches: Iterator[ActivationBatch], metrics_file) -> list[ActivationBatch]:
+        """Fit the frozen input transforms and start b_pre on the first ``init_tokens`` tokens; log
+        the initial FVU (step 0). Returns the batches read, which training then uses as usual."""
+        cfg = self.cfg
+        first: list[ActivationBatch] = []
+        while sum(len(b) for b in first) < cfg.init_tokens:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            first.append(batch)
+        if not first:
+            raise MlsaeError("the activation source produced no data")
+        x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
+        check_finite(x, "the first batches", self.layers)
+        self.coder.initialise(x)
+        with torch.no_grad():
+            out = self.coder(x)
+        fvu = out.fvu.cpu()
+        self.init_info = {
+            "tokens": int(x.shape[0]),
+            "b_pre": cfg.b_pre_init,
+            "transforms": self.coder.transform.describe(),
+            "fvu": float(fvu.mean()),
+            "fvu_per_layer": [round(float(v), 5) for v in fvu],
+        }
+        del x, out
+        line = {"step": 0, "tokens": 0, "step_tokens": 0, "loss": float(fvu.mean()), "fvu": float(fvu.mean()), "auxk": 0.0,
+                "fvu_per_layer": self.init_info["fvu_per_layer"], "dead_fraction": 0.0, "tokens_per_s": 0.0}
+        metrics_file.write(json.dumps(line) + "\n")
+        metrics_file.flush()
+        save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
+        tqdm.write(
+            f"initial FVU {float(fvu.mean()):.3f} (layers {float(fvu.min()):.3f} to {float(fvu.max()):.3f}): b_pre started at "
+            f"{B_PRE_START[cfg.b_pre_init]}, transforms [{', '.join(self.init_info['transforms'])}], "
+            f"on the first {self.init_info['tokens']:,} tokens"
+        )
+        return first
 
     def _step(self, micro_batches: list[ActivationBatch]) -> dict:
         cfg, coder = self.cfg, self.coder
