@@ -119,6 +119,50 @@ def test_layer_distribution_known_answers():
                 assert not pc.any(pc.is_nan(col)).as_py()  # nulls, which to_numpy shows as NaN, are fine
 
 
+def np_paper_variances(acts, idx, n_latents, layers):
+    """The paper definition (Lawson et al.'s code), straight from its formula with dense arrays."""
+    T, L, k = acts.shape
+    a = np.zeros((T, n_latents, L))
+    for t in range(T):
+        for li in range(L):
+            for j in range(k):
+                if acts[t, li, j] > 0:
+                    a[t, idx[t, li, j], li] += float(acts[t, li, j])
+    total = a.sum(2, keepdims=True)
+    q = np.divide(a, total, out=np.zeros_like(a), where=total > 0)  # [T, n, L]; all 0 where inactive
+    lv = np.asarray(layers, dtype=np.float64)
+    var = lambda w: (w * lv**2).sum(-1) - (w * lv).sum(-1) ** 2  # noqa: E731
+    agg = var(q.mean(0)).mean()  # Q_i = mean over ALL tokens (sums to the firing rate), then over latents
+    per_token = var(q).mean()  # over ALL (token, latent) pairs, inactive ones counting 0
+    return agg, per_token, agg / per_token
+
+
+def test_paper_variance_ratio_matches_its_formula_streamed():
+    for (acts, idx), layers, n in ((constructed()[0], list(range(6)), 5), (random_codes(40, 5, 3, 12, seed=4), [2, 3, 5, 8, 9], 12)):
+        ld = LayerDistribution(n, layers)
+        for sl in (slice(0, 3), slice(3, None)):  # streamed in two batches
+            ld.update(acts[sl], idx[sl])
+        s = ld.summary()
+        agg, pt, ratio = np_paper_variances(acts.numpy(), idx.numpy(), n, layers)
+        assert s["mean_aggregated_variance_paper"] == pytest.approx(agg, rel=1e-9)
+        assert s["mean_per_token_variance_paper"] == pytest.approx(pt, rel=1e-9)
+        assert s["variance_ratio_paper"] == pytest.approx(ratio, rel=1e-9)
+
+
+def test_paper_variance_ratio_differs_from_ours_by_a_known_factor():
+    """One latent over 4 tokens, layers 0 and 1: token 0 at both (equal), token 1 at layer 1
+    only (per-token variance exactly 0), tokens 2-3 silent (firing rate 1/2).
+    Ours: p = (1/3, 2/3), aggregated var 2/9; per-token (0.25 + 0) / 2 tokens where it fires.
+    Paper: Q = (0.5, 1.5) / 4, V = 0.375 - 0.375^2; per token (0.25 + 0) / 4 pairs."""
+    acts, idx = codes({(0, 0): [(0, 1.0)], (0, 1): [(0, 1.0)], (1, 1): [(0, 1.0)]}, 4, 2, 1)
+    ld = LayerDistribution(1, [0, 1])
+    ld.update(acts, idx)
+    s = ld.summary()
+    ours, paper = (2 / 9) / 0.125, (0.375 - 0.375**2) / 0.0625
+    assert s["variance_ratio"] == pytest.approx(ours) and s["variance_ratio_paper"] == pytest.approx(paper)
+    assert s["variance_ratio_paper"] / s["variance_ratio"] == pytest.approx(2.109375)
+
+
 def test_layer_distribution_uses_actual_layer_numbers():
     acts, idx = codes({(0, 0): [(0, 1.0)], (0, 1): [(0, 1.0)]}, 1, 2, 1)
     ld = LayerDistribution(1, [10, 20])

@@ -57,6 +57,22 @@ def test_reconstruction_stats_match_numpy():
     assert t["dead_fraction"][2] == pytest.approx(3 / 8)
 
 
+def test_paper_fvu_uses_one_scalar_mean_per_layer():
+    torch.manual_seed(1)
+    # components with very different means: the per-component mean explains them, a scalar does not
+    x = torch.randn(40, 2, 5) + torch.tensor([0.0, 10.0, -4.0, 3.0, 7.0])
+    x_hat = x.mean(0, keepdim=True).expand_as(x)  # the per-layer mean vector
+    stats = ReconstructionStats(2, n_latents=4, per_layer_dictionaries=False)
+    stats.update(x, x_hat, torch.ones(40, 2, 1), torch.zeros(40, 2, 1, dtype=torch.long))
+    t = stats.table()
+    for l in range(2):
+        xl = x[:, l].double().numpy()
+        err = ((xl - x_hat[:, l].double().numpy()) ** 2).sum()
+        assert t["fvu_paper"][l] == pytest.approx(err / ((xl - xl.mean()) ** 2).sum(), rel=1e-9)
+        assert t["fvu"][l] == pytest.approx(1.0, rel=1e-9)  # ours: the mean vector explains nothing
+        assert t["fvu_paper"][l] < 0.2  # theirs: the mean vector explains the spread between components
+
+
 def test_ce_kl_against_numpy():
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 7)
@@ -112,6 +128,44 @@ def test_oracle_gives_zero_delta_ce_and_kl_and_ablation_hurts(tiny):
     bad = downstream(tiny, Oracle([0, 1, 2], noise=1.0), wins, [0, 1, 2], means, True, 2, progress=False)
     assert all(k >= 0 for k in bad["kl"]) and all(k > 1e-4 for k in bad["kl"][:3])
     assert all(d > 0 for d in bad["delta_ce"][:3])
+
+
+class Recorder(torch.nn.Module):
+    """A coder that returns a scaled copy of its input and records which vectors it was given."""
+
+    def __init__(self, layers, scale):
+        super().__init__()
+        self.layers, self.scale, self.calls = layers, scale, []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return SimpleNamespace(x_hat=x * self.scale)
+
+
+def test_paper_delta_ce_splices_and_scores_every_position(tiny):
+    from mlsae.model import special_token_ids
+    from mlsae.text import keep_mask
+
+    wins = _windows(tiny, 2)
+    ids = torch.stack(wins)
+    keep = keep_mask(ids, special_token_ids(tiny.tokenizer), True)
+    assert not keep.all()  # the first position (BOS) is left out by ours
+    coder = Recorder([0, 1, 2], scale=0.5)
+    out = downstream(tiny, coder, wins, [1], torch.zeros(3, 32), True, 2, progress=False, ablations=False,
+                     paper_definitions=True)
+    assert coder.calls == [int(keep.sum()), ids.numel()]  # ours codes the kept positions, the paper's every one
+    # by hand: layer 1 halved at EVERY position, every next-token prediction scored
+    clean = torch.log_softmax(tiny.logits(ids)[:, :-1].float(), -1)
+    spliced = torch.log_softmax(tiny.logits_from(1, tiny.capture(ids)[:, :, 1] * 0.5, ids)[:, :-1].float(), -1)
+    tgt = ids[:, 1:, None]
+    ce_clean = -clean.gather(-1, tgt).mean().item()
+    ce = -spliced.gather(-1, tgt).mean().item()
+    kl = (clean.exp() * (clean - spliced)).sum(-1).mean().item()
+    assert out["ce_clean_paper"][0] == pytest.approx(ce_clean, rel=1e-5)
+    assert out["delta_ce_paper"][0] == pytest.approx(ce - ce_clean, rel=1e-4, abs=1e-6)
+    assert out["kl_paper"][0] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert out["ce_clean"][0] != pytest.approx(ce_clean, rel=1e-6)  # ours scores fewer positions
+    assert "ce_zero" not in out and "loss_recovered_zero" not in out
 
 
 def test_splicing_matches_a_forward_that_replaces_only_that_layer(tiny):

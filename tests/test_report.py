@@ -75,6 +75,7 @@ def test_report_renders_every_figure_in_headless_chromium(run, tmp_path):
     for img in images:
         assert (page.parent / img).stat().st_size > 5000
     assert "<mark>" in text and "Variance of a latent" in text
+    assert "Input transforms: standardize, center_layers; b_pre start: geometric median" in text
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("headless check needs Debian's chromium (scripts/setup.sh installs it when CI=true)")

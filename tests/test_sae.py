@@ -85,15 +85,20 @@ def test_mlsae_forward_matches_equations(loss_space):
     assert out.loss.item() == pytest.approx(expected_fvu.mean(), rel=1e-4)  # no dead latents: no AuxK
 
 
-def test_auxk_matches_hand_computation():
+@pytest.mark.parametrize("auxk_norm", ["input", "error"])
+@pytest.mark.parametrize("loss_space", ["standardized", "raw"])
+def test_auxk_matches_hand_computation(auxk_norm, loss_space):
     d, n, k, k_aux = 4, 8, 2, 2
-    cfg = SAEConfig(center_layers=False, arch="mlsae", expansion_factor=2, k=k, k_aux=k_aux, aux_coef=0.5, decoder_impl="dense")
+    cfg = SAEConfig(center_layers=False, arch="mlsae", expansion_factor=2, k=k, k_aux=k_aux, aux_coef=0.5,
+                    decoder_impl="dense", auxk_norm=auxk_norm, loss_space=loss_space)
     coder = MultiLayerSAE(cfg, d_model=d, layers=[0, 1], seed=3)
-    x = torch.randn(6, 2, d)
+    with torch.no_grad():
+        coder.sae.b_pre.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1]))
+    x = torch.randn(6, 2, d) * 2 + 1
     dead = torch.zeros(n, dtype=torch.bool)
     dead[[1, 4, 6]] = True
     out = coder(x, dead)
-    xs, _, _ = np_standardize(x.numpy().astype(np.float64))
+    xs, _, std = np_standardize(x.numpy().astype(np.float64))
     flat = xs.reshape(12, d)
     x_hat = np_encode_decode(coder.sae, flat)
     W_enc, W_dec, b_pre = (t.detach().double().numpy() for t in (coder.sae.W_enc, coder.sae.W_dec, coder.sae.b_pre))
@@ -104,13 +109,31 @@ def test_auxk_matches_hand_computation():
         dead_ids = np.array([1, 4, 6])
         top = dead_ids[np.argsort(-pre[dead_ids])[:k_aux]]
         e_hat[i] = W_dec[top].T @ np.maximum(pre[top], 0) + b_pre  # eq. 6
-    err = ((e - e_hat) ** 2).reshape(6, 2, d).sum(axis=(0, 2))
-    var = ((xs - xs.mean(0)) ** 2).sum(axis=(0, 2))
+    e, e_hat = e.reshape(6, 2, d), e_hat.reshape(6, 2, d)
+    target = xs
+    if loss_space == "raw":  # errors in the model's units: the standardisation's scale undone
+        e, e_hat, target = e * std, e_hat * std, x.numpy().astype(np.float64)
+    err = ((e - e_hat) ** 2).sum(axis=(0, 2))
+    norm_by = target if auxk_norm == "input" else e
+    var = ((norm_by - norm_by.mean(0)) ** 2).sum(axis=(0, 2))
     np.testing.assert_allclose(out.auxk.detach().numpy(), err / var, rtol=1e-4)
     assert out.loss.item() == pytest.approx(out.fvu.mean().item() + 0.5 * (err / var).mean(), rel=1e-5)
     # the AuxK gradient reaches the dead latents' encoder rows, and only through the aux term
     out.loss.backward()
     assert coder.sae.W_enc.grad[[1, 4, 6]].abs().sum() > 0
+
+
+def test_the_two_auxk_normalisations_differ_by_the_ratio_of_variances():
+    x, dead = torch.randn(16, 2, 8), torch.ones(16, dtype=torch.bool)
+    outs = {norm: MultiLayerSAE(SAEConfig(center_layers=False, expansion_factor=2, k=2, auxk_norm=norm), d_model=8,
+                                layers=[0, 1], seed=0)(x, dead) for norm in ("input", "error")}
+    # the same error over two denominators: their ratio is Var(e) / Var(x) per layer
+    xs, mean, std = standardize(x)
+    e = xs - (outs["input"].x_hat.detach() - mean) / std
+    var = lambda v: (v - v.mean(0)).pow(2).sum((0, 2))  # noqa: E731
+    torch.testing.assert_close(outs["input"].auxk / outs["error"].auxk, var(e) / var(xs), rtol=1e-4, atol=0)
+    with pytest.raises(MlsaeError, match="auxk_norm 'both': expected one of input, error"):
+        MultiLayerSAE(SAEConfig(auxk_norm="both"), d_model=8, layers=[0])
 
 
 def test_decoder_normalisation_and_gradient_projection():

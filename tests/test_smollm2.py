@@ -52,6 +52,8 @@ def test_train_and_evaluate_on_real_model(tmp_path, smollm2):
     result = train(cfg, model=smollm2)
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert result["tokens"] == 2048 and result["fvu"] < 0.8 * first["fvu"]
+    # centred layers and b_pre at the geometric median: the coder starts below predicting the mean
+    assert first["step"] == 0 and first["fvu"] < 1.0
     table = evaluate(tmp_path / "run", data, tokens=300, downstream_tokens=120, model=smollm2, device="cpu", progress=False)
     assert table.column("layer").to_pylist() == ["3", "29", "mean"]
     fvu = table.column("fvu").to_pylist()

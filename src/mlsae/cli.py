@@ -71,10 +71,10 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         print(f"evaluating {run}")
         tables[name] = evaluate(
             run, cfg.data, cfg.tokens, cfg.downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
-            cfg.batch_tokens, out, ablations=cfg.ablations,
+            cfg.batch_tokens, out, ablations=cfg.ablations, paper_definitions=cfg.paper_definitions,
         )
-        shown = [c for c in ("layer", "fvu", "fvu_standardized", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl",
-                             "loss_recovered_zero") if c in tables[name].column_names]
+        shown = [c for c in ("layer", "fvu", "fvu_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce",
+                             "delta_ce_paper", "kl", "kl_paper", "loss_recovered_zero") if c in tables[name].column_names]
         print(format_table(tables[name], shown))
     if len(runs) > 1:
         import pyarrow.parquet as pq
@@ -102,7 +102,8 @@ def headline(summary: dict) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return (
         f"mean adjacent-layer cosine {fmt(drift['mean_cosine'])} (centred {fmt(drift['mean_cosine_centred'])}); "
-        f"variance ratio aggregated/per-token {fmt(lay['variance_ratio'])}; latents active at >1 layer: "
+        f"variance ratio aggregated/per-token {fmt(lay['variance_ratio'])} (paper definition "
+        f"{fmt(lay.get('variance_ratio_paper'))}); latents active at >1 layer: "
         f"{fmt(lay['multi_layer_fraction_aggregated'])} aggregated, {fmt(lay['multi_layer_fraction_per_token'])} per token"
     )
 

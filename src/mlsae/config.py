@@ -76,6 +76,8 @@ class SAEConfig:
     """Dead latents used by the AuxK loss (default: the power of 2 nearest d/2)."""
     aux_coef: float = 1 / 32
     """Weight alpha of the AuxK loss."""
+    auxk_norm: str = "input"
+    """What the AuxK error is divided by, per layer: input (the input's variance, like FVU) or error (the error's own variance, as Gao et al.)."""
     dead_tokens: int = 10_000_000
     """A latent is dead when it has not fired at any layer within this many tokens."""
     standardize: bool = True
@@ -148,6 +150,8 @@ class EvalConfig(HeldOutConfig):
     """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them."""
     ablations: bool = True
     """Also measure zero- and mean-ablation and loss recovered (triples the downstream cost)."""
+    paper_definitions: bool = False
+    """Also report delta CE and KL as the paper's code defines them (every position spliced and scored: columns ending in _paper)."""
     layers: Optional[list[int]] = None
     """Evaluate only these layers (default: every layer of the run)."""
     compare: Optional[list[str]] = None

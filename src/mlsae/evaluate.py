@@ -116,6 +116,12 @@ class ReconstructionStats:
         return self.sums["x"] / max(self.count, 1)
 
     def table(self) -> dict[str, list]:
+        """Per-layer columns, each with the mean over layers appended.
+
+        ``fvu_paper`` is the paper definition: the raw error over sum (x - m)^2 where m is ONE
+        scalar per layer, the mean of all of that layer's entries (Lawson et al.'s code), not
+        the per-component mean; the same positions are counted.
+        """
         s, n = self.sums, max(self.count, 1)
         var = s["sq"] - s["x"].pow(2).sum(1) / n  # sum ||x - mean||^2
         var_std = s["sq_std"] - s["x_std"].pow(2).sum(1) / n
@@ -129,6 +135,8 @@ class ReconstructionStats:
             "l1": (s["l1"] / n).tolist(),
             "dead_fraction": dead.tolist(),
         }
+        var_scalar = s["sq"] - s["x"].sum(1).pow(2) / (n * d)  # sum (x - m)^2, m the layer's scalar mean
+        cols["fvu_paper"] = (s["err"] / var_scalar).tolist()
         means = {k: sum(v) / len(v) for k, v in cols.items()}
         if not self.per_layer_dictionaries:  # one dictionary: dead means silent at every layer
             means["dead_fraction"] = float(1 - self.fired.any(0).double().mean())
@@ -162,56 +170,71 @@ def downstream(
     windows_per_batch: int,
     progress: bool = True,
     ablations: bool = True,
+    paper_definitions: bool = False,
 ) -> dict[str, list]:
     """CE, delta CE, KL and loss recovered per layer, for spliced, zero- and mean-ablated residuals.
 
-    ``ablations=False`` runs only the spliced variant (a third of the cost; no loss recovered).
-
     Only positions that count are replaced (the first position and special tokens keep their
     clean residual: a coder is not trained on them); CE and KL are averaged over the positions
-    that count, predicting the next token.
+    that count, predicting the next token. ``ablations=False`` runs only the spliced variant (a
+    third of the cost; no loss recovered). ``paper_definitions=True`` adds ``ce_paper``,
+    ``delta_ce_paper`` and ``kl_paper``: the reconstruction replaces the residual at EVERY
+    position, the first (attention sink) and special tokens included, and every position is
+    scored, as Lawson et al.'s code does.
     """
     device = model.device
     special = special_token_ids(model.tokenizer)
     col = [coder.layers.index(l) for l in layers]
     kinds = ("zero", "mean") if ablations else ()
-    keys = ["ce", "kl"] + [f"{m}_{kind}" for kind in kinds for m in ("ce", "kl")]
-    sums = {key: torch.zeros(len(layers), dtype=torch.float64) for key in keys}
-    ce_clean, count = 0.0, 0
+    suffixes = [""] + [f"_{kind}" for kind in kinds] + (["_paper"] if paper_definitions else [])
+    sums = {m + s: torch.zeros(len(layers), dtype=torch.float64) for s in suffixes for m in ("ce", "kl")}
+    clean = {"": [0.0, 0], "_paper": [0.0, 0]}  # summed CE and positions, per way of scoring
     batches = [torch.stack(list(windows[i : i + windows_per_batch])) for i in range(0, len(windows), windows_per_batch)]
     bar = tqdm(total=len(batches) * len(layers), desc="downstream (layers x batches)", disable=not progress)
     for ids in batches:
         ids = ids.to(device)
-        keep = keep_mask(ids, special, exclude_first_position)
+        masks = {"": keep_mask(ids, special, exclude_first_position), "_paper": torch.ones_like(ids, dtype=torch.bool)}
         resid = model.capture(ids, coder.layers)  # [batch, pos, layers, d]
+        keep = masks[""]
         with torch.no_grad():
             recon = torch.zeros_like(resid)
             recon[keep] = coder(resid[keep].float()).x_hat.to(resid.dtype)
+            recon_all = coder(resid.flatten(0, 1).float()).x_hat.to(resid.dtype).view_as(resid) if paper_definitions else None
         clean_logp = _next_token_logp(model.logits(ids))
         targets = ids[:, 1:]
-        c, _, n = _ce_kl(clean_logp, clean_logp, targets, keep)
-        ce_clean += c
-        count += n
+        for how, mask in masks.items():
+            c, _, n = _ce_kl(clean_logp, clean_logp, targets, mask)
+            clean[how][0] += c
+            clean[how][1] += n
         for j, (layer, ci) in enumerate(zip(layers, col)):
-            variants = {"": recon[:, :, ci]}
-            if ablations:
-                variants["_zero"] = torch.zeros_like(resid[:, :, ci])
-                variants["_mean"] = layer_means[ci].to(resid.dtype).expand_as(resid[:, :, ci])
-            for suffix, replacement in variants.items():
-                spliced = torch.where(keep[..., None], replacement, resid[:, :, ci])
+            for suffix in suffixes:
+                if suffix == "_paper":
+                    replacement, mask = recon_all[:, :, ci], masks["_paper"]
+                elif suffix == "_zero":
+                    replacement, mask = torch.zeros_like(resid[:, :, ci]), keep
+                elif suffix == "_mean":
+                    replacement, mask = layer_means[ci].to(resid.dtype).expand_as(resid[:, :, ci]), keep
+                else:
+                    replacement, mask = recon[:, :, ci], keep
+                spliced = torch.where(mask[..., None], replacement, resid[:, :, ci])
                 logp = _next_token_logp(model.logits_from(layer, spliced, ids))
-                ce, kl, _ = _ce_kl(logp, clean_logp, targets, keep)
+                ce, kl, _ = _ce_kl(logp, clean_logp, targets, mask)
                 del logp
                 sums["ce" + suffix][j] += ce
                 sums["kl" + suffix][j] += kl
             bar.update(1)
     bar.close()
+    count = clean[""][1]
     if count == 0:
         raise MlsaeError("downstream evaluation saw no positions that count; use more tokens or a longer context")
-    ce_clean /= count
-    out = {k: (v / count).tolist() for k, v in sums.items()}
+    ce_clean = clean[""][0] / count
+    out = {k: (v / (clean["_paper"][1] if k.endswith("_paper") else count)).tolist() for k, v in sums.items()}
     out["ce_clean"] = [ce_clean] * len(layers)
     out["delta_ce"] = [v - ce_clean for v in out["ce"]]
+    if paper_definitions:
+        ce_clean_paper = clean["_paper"][0] / clean["_paper"][1]
+        out["ce_clean_paper"] = [ce_clean_paper] * len(layers)
+        out["delta_ce_paper"] = [v - ce_clean_paper for v in out["ce_paper"]]
     for kind in kinds:
         out[f"loss_recovered_{kind}"] = [
             (a - s) / (a - ce_clean) if abs(a - ce_clean) > 1e-12 else None for a, s in zip(out[f"ce_{kind}"], out["ce"])
@@ -293,6 +316,7 @@ def evaluate(
     out: Optional[str | Path] = None,
     progress: bool = True,
     ablations: bool = True,
+    paper_definitions: bool = False,
 ) -> pa.Table:
     """Evaluate a run; writes ``eval.parquet`` and ``eval.json`` into ``out`` (default: the run)."""
     started = time.perf_counter()
@@ -344,7 +368,7 @@ def evaluate(
             counted += int(keep_mask(w[None], special, excl).sum())
         ctx_len = int(chosen[0].shape[0])
         ds = downstream(model, run.coder, chosen, layers, stats.layer_means().float().to(dev), excl,
-                        max(1, batch_tokens // ctx_len // 2), progress, ablations)
+                        max(1, batch_tokens // ctx_len // 2), progress, ablations, paper_definitions)
         columns.update(ds)
         ds_seconds = time.perf_counter() - ds_started
     table = pa.table(columns)

@@ -97,6 +97,13 @@ def build_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
         if isinstance(train.get("tokens"), int)
         else f"<p>{html.escape(sae['arch'])} coder on {html.escape(str(meta['model']))}</p>"
     )
+    init = meta.get("init")
+    if init:
+        r.add(
+            f"<p>Input transforms: {html.escape(', '.join(init['transforms']) or 'none')}; b_pre start: "
+            f"{html.escape(init['b_pre'].replace('_', ' '))}; both set on the first {init['tokens']:,} tokens, where the "
+            f"FVU was {init['fvu']:.3f} (layers {min(init['fvu_per_layer']):.3f} to {max(init['fvu_per_layer']):.3f}).</p>"
+        )
     _training(r)
     _evaluation(r)
     _analysis(r, meta)
@@ -135,7 +142,8 @@ def _evaluation(r: Report) -> None:
     if table is None:
         r.missing("evaluation", f"mlsae eval {r.run} --data HELD_OUT_TEXT")
         return
-    cols = ["layer", "fvu", "fvu_standardized", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl", "loss_recovered_zero", "loss_recovered_mean"]
+    cols = ["layer", "fvu", "fvu_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce", "delta_ce_paper",
+            "kl", "kl_paper", "loss_recovered_zero", "loss_recovered_mean"]
     layers = table.column("layer").to_pylist()[:-1]
 
     def draw(fig):
@@ -151,6 +159,10 @@ def _evaluation(r: Report) -> None:
             ax2.set(xlabel="layer", ylabel="delta CE (nats)", title="downstream loss when spliced")
 
     r.figure("evaluation", draw, caption="FVU per layer (raw and standardised vectors) and the increase in next-token cross-entropy.")
+    r.add("<p>Columns ending in <code>_paper</code> follow the paper's code: FVU against ONE scalar mean per layer "
+          "rather than the per-component mean (lower for the same error), and delta CE / KL with the reconstruction "
+          "spliced and scored at EVERY position, the attention-sink first position included (present with "
+          "<code>mlsae eval --paper-definitions</code>).</p>")
     r.add(_table_html(table, cols))
     cmp = _read(r.run / "compare.parquet")
     if cmp is not None:
@@ -171,7 +183,8 @@ def _analysis(r: Report, meta: dict) -> None:
         '<p class="headline">'
         f"Mean adjacent-layer cosine similarity of the residual stream: <b>{_fmt(summary['drift']['mean_cosine'])}</b> "
         f"(mean-centred: {_fmt(summary['drift']['mean_cosine_centred'])}).<br>"
-        f"Variance of a latent's layer distribution, aggregated over tokens / per token: <b>{_fmt(ratio)}</b>.<br>"
+        f"Variance of a latent's layer distribution, aggregated over tokens / per token: <b>{_fmt(ratio)}</b> "
+        f"(paper definition: {_fmt(lay.get('variance_ratio_paper'))}).<br>"
         f"Latents active at more than one layer: <b>{_fmt(lay.get('multi_layer_fraction_aggregated'))}</b> aggregated over "
         f"{summary['n_tokens']:,} tokens, <b>{_fmt(lay.get('multi_layer_fraction_per_token'))}</b> per token.</p>"
     )
@@ -180,7 +193,11 @@ def _analysis(r: Report, meta: dict) -> None:
         "its activations at layer <i>l</i>. Aggregated variance: the variance over layers of p<sub>i</sub>, over all tokens. "
         "Per-token variance: for each token where latent <i>i</i> fires, the variance over layers of that token's "
         "activations (normalised per token), averaged over those tokens only. The ratio is the mean aggregated variance "
-        "over live latents divided by the mean per-token variance.</p>"
+        "over live latents divided by the mean per-token variance. The paper definition (the authors' code) averages "
+        "each token's normalised activations q over ALL tokens without renormalising, so its aggregated "
+        "&quot;variance&quot; carries a rate &times; (1 &minus; rate) &times; mean-layer&sup2; term, and averages the "
+        "per-token variance over all (token, latent) pairs, inactive ones as 0: it reads much larger on the same "
+        "codes.</p>"
     )
     _drift(r, folder)
     _layer_distribution(r, folder, meta)

@@ -4,8 +4,14 @@ Equations are those of Lawson et al. (ICLR 2025), section 3:
     h     = ReLU(TopK(W_enc (x - b_pre)))                       (eq. 1)
     x_hat = W_dec h + b_pre                                     (eq. 2)
     FVU   = ||x - x_hat||^2 / Var(x)                            (eq. 3), per layer, then averaged
-    AuxK  = ||e - e_hat||^2, e_hat from the k_aux top dead latents (eqs. 4-6), normalised like FVU
+    AuxK  = ||e - e_hat||^2, e_hat from the k_aux top dead latents (eqs. 4-6), normalised per layer
+            by the input's variance (like FVU) or by the error's own variance (Gao et al. 2024)
     loss  = FVU + alpha * AuxK                                  (eq. 7)
+
+Before the first step, :meth:`SparseCoder.initialise` fits the run's frozen input transforms
+(:mod:`mlsae.transforms`: standardise, per-layer centring) and starts b_pre at the geometric
+median of the first batches in the space the coder sees (Gao et al. 2024, section 2.2, as in
+Lawson et al.'s code), rather than at zero.
 
 An arrangement decides how (token, layer) vectors meet dictionaries: ``mlsae`` sends every
 layer's vector through ONE dictionary, ``per-layer`` gives each layer its own. Arrangements
@@ -48,6 +54,7 @@ def default_k_aux(d: int) -> int:
 
 
 B_PRE_INITS = ("geometric_median", "mean", "zero")
+AUXK_NORMS = ("input", "error")
 
 
 @torch.no_grad()
@@ -176,6 +183,8 @@ class SparseCoder(nn.Module):
             raise MlsaeError(f"k {cfg.k} is larger than the number of latents ({n_latents} = {cfg.expansion_factor} x {d_model})")
         if cfg.loss_space not in ("standardized", "raw"):
             raise MlsaeError(f"loss_space {cfg.loss_space!r}: expected standardized or raw")
+        if cfg.auxk_norm not in AUXK_NORMS:
+            raise MlsaeError(f"auxk_norm {cfg.auxk_norm!r}: expected one of {', '.join(AUXK_NORMS)}")
         if cfg.b_pre_init not in B_PRE_INITS:
             raise MlsaeError(f"b_pre_init {cfg.b_pre_init!r}: expected one of {', '.join(B_PRE_INITS)}")
         self.cfg = cfg
@@ -241,7 +250,8 @@ class SparseCoder(nn.Module):
             e = (x_in - x_hat_in).detach()
             if self.cfg.loss_space == "raw":
                 e, e_hat = self.transform.inverse_delta(e, state), self.transform.inverse_delta(e_hat, state)
-            auxk = fvu_per_layer(e, e_hat, variance_of=target)
+            # eq. 5's error, normalised per layer by the input's variance or by the error's own
+            auxk = fvu_per_layer(e, e_hat, variance_of=target if self.cfg.auxk_norm == "input" else e)
             if aux_layers is not None:
                 auxk = auxk * aux_layers
         loss = fvu.mean() + self.cfg.aux_coef * auxk.mean()
@@ -366,7 +376,7 @@ def save_coder(
     )
 
 
-LEGACY_SAE_SETTINGS = {"center_layers": False, "b_pre_init": "zero"}
+LEGACY_SAE_SETTINGS = {"center_layers": False, "b_pre_init": "zero", "auxk_norm": "input"}
 """What runs saved before these settings existed did: no centring, b_pre from zero."""
 
 

@@ -14,6 +14,14 @@ Conventions:
 - A latent that never fires in the analysed tokens is "dead": its statistics are null.
 - ``variance_ratio`` is null when the latent is dead or its per-token variance is 0 (the
   ratio is undefined or infinite there); no table ever holds NaN or inf.
+
+Paper definition (Lawson et al.'s code), reported beside ours in ``summary()`` under keys
+ending in ``_paper``: per token and latent, q_ti(l) = a_ti(l) / sum_l a_ti(l) (all zero where
+i is inactive at t). Aggregated: Q_i(l) = mean over ALL tokens of q_ti(l), which sums to the
+firing rate r_i rather than 1, and V_i = sum_l l^2 Q_i(l) - (sum_l l Q_i(l))^2, averaged over
+all latents; it carries an r_i (1 - r_i) mean_layer^2 term. Per token: the variance over l of
+q_ti, averaged over ALL (token, latent) pairs, inactive pairs counting 0. Their ratio is
+therefore much larger than ours on the same codes.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class LayerDistribution:
         self.pt_layers_sum = torch.zeros(self.n_total, **i64)  # sum of #layers active per token
         self.pt_multi = torch.zeros(self.n_total, **i64)  # tokens where it fires at > 1 layer
         self.pt_hist = torch.zeros(L + 1, **i64)  # (token, latent) pairs by #layers active
+        self.q_sum = torch.zeros(self.n_total, L, **f64)  # paper definition: sum over tokens of q_ti(l)
         self.token_frac_sum = 0.0  # sum over tokens of the fraction of its latents at > 1 layer
         self.tokens_with_codes = 0
         self.tokens_seen = 0
@@ -103,6 +112,12 @@ class LayerDistribution:
         s1 = torch.zeros_like(s0).index_add_(0, pid, a_lv)
         s2 = torch.zeros_like(s0).index_add_(0, pid, a_lv * lv)
         n_layers = torch.diff(first, append=first.new_tensor([T * M]))  # [P] entries = layers active
+        # paper definition: each active entry's share q_ti(l) of its (token, latent) pair's total
+        entry_lat = sorted_lat.view(-1).long()
+        entry_live = torch.nonzero(entry_lat != sentinel).squeeze(1)
+        q = a.index_select(0, entry_live) / s0.index_select(0, pid.index_select(0, entry_live))
+        q_cell = entry_lat.index_select(0, entry_live) * L + (perm.view(-1).index_select(0, entry_live) // k)
+        self.q_sum.view(-1).index_add_(0, q_cell, q)
         pair_lat = sorted_lat.view(-1).index_select(0, first).long()
         live = torch.nonzero(pair_lat != sentinel).squeeze(1)  # drop the inactive entries' pairs
         if live.numel() == 0:
@@ -217,6 +232,21 @@ class LayerDistribution:
         })
         return {"latents": latents, "layer_distribution": distribution, "n_layers": n_layers}
 
+    def paper_summary(self) -> dict:
+        """The aggregated and per-token variances and their ratio by the paper's definition."""
+        if self.tokens_seen == 0:
+            return {"mean_aggregated_variance_paper": None, "mean_per_token_variance_paper": None, "variance_ratio_paper": None}
+        Q = self.q_sum / self.tokens_seen  # [latents, layers]; row i sums to i's firing rate
+        lv = self.layer_value
+        agg = (Q * lv**2).sum(1) - (Q @ lv) ** 2  # [latents]
+        mean_agg = float(agg.mean())
+        mean_pt = float(self.pt_var_sum.sum()) / (self.tokens_seen * self.n_total)
+        return {
+            "mean_aggregated_variance_paper": maybe(mean_agg),
+            "mean_per_token_variance_paper": maybe(mean_pt),
+            "variance_ratio_paper": maybe(mean_agg / mean_pt) if mean_pt > 0 else None,
+        }
+
     def summary(self) -> dict:
         """Headline numbers; None where undefined (e.g. no latent ever fired)."""
         s = self._stats()
@@ -226,7 +256,9 @@ class LayerDistribution:
         mean_pt = s["pt_var"][live].mean() if n_live else np.nan
         ratios = s["ratio"][s["ratio_ok"]]
         pt = self.pt_hist.cpu().numpy()
+        paper = self.paper_summary()
         return {
+            **paper,
             "n_latents": self.n_total,
             "n_live": n_live,
             "n_dead": self.n_total - n_live,
