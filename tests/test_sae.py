@@ -272,3 +272,16 @@ def test_old_runs_without_the_new_settings_load_as_they_were_trained(tmp_path):
     assert loaded.cfg.center_layers is False and loaded.cfg.b_pre_init == "zero"
     x = torch.randn(3, 2, 8)
     assert torch.equal(loaded(x).x_hat, coder(x).x_hat)
+
+
+def test_arrangements_declare_their_latent_space():
+    from mlsae.sae import ARRANGEMENTS, LATENT_SPACES, latent_space_of, register
+
+    assert {name: cls.latent_space for name, cls in ARRANGEMENTS.items()} == {"mlsae": "shared", "per-layer": "per_layer"}
+    assert all(cls.latent_space in LATENT_SPACES for cls in ARRANGEMENTS.values())
+    assert latent_space_of({"sae": {"arch": "per-layer"}}) == "per_layer"
+    with pytest.raises(MlsaeError, match="arrangement 'nope' is unknown"):
+        latent_space_of({"sae": {"arch": "nope"}})
+    with pytest.raises(TypeError, match="latent_space must be one of"):
+        register("undeclared")(type("Undeclared", (MultiLayerSAE,), {"latent_space": "sideways"}))
+    assert "undeclared" not in ARRANGEMENTS

@@ -74,7 +74,7 @@ def analyze(
     if model is None:
         model = load_model(run.meta["model"], device=str(dev))
     check_model(run, model)
-    shared = coder.latent_shape() == (coder.n_latents,)
+    shared = coder.latent_space == "shared"
     layers = coder.layers
     source = held_out(run, model, cache, data, split, ctx, batch_tokens)
     windows, excl = source.windows, source.exclude_first_position

@@ -330,7 +330,7 @@ def evaluate(
     if model is not None:
         check_model(run, model)
     excl = run.meta.get("train", {}).get("exclude_first_position", True)
-    stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_shape() != (run.coder.n_latents,))
+    stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_space == "per_layer")
     source = held_out(run, model, cache, data, split, ctx, batch_tokens)
     windows = source.windows
     bar = tqdm(total=tokens, unit="tok", desc="reconstruction", disable=not progress)

@@ -21,7 +21,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from .sae import read_coder_config  # noqa: E402
+from .sae import latent_space_of, read_coder_config  # noqa: E402
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; padding: 0 1em; }
@@ -231,7 +231,7 @@ def _drift(r: Report, folder: Path) -> None:
 def _layer_distribution(r: Report, folder: Path, meta: dict) -> None:
     lat = _read(folder / "latents.parquet")
     dist = _read(folder / "layer_distribution.parquet")
-    if lat is None or dist is None or meta["sae"]["arch"] != "mlsae":
+    if lat is None or dist is None or latent_space_of(meta) != "shared":
         return
     r.add("<h3>Layer distribution of the latents</h3>")
     layers = meta["layers"]

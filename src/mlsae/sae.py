@@ -41,6 +41,8 @@ ARRANGEMENTS: dict[str, type["SparseCoder"]] = {}
 
 def register(name: str):
     def wrap(cls):
+        if getattr(cls, "latent_space", None) not in LATENT_SPACES:
+            raise TypeError(f"arrangement {name}: latent_space must be one of {LATENT_SPACES}")
         cls.arch = name
         ARRANGEMENTS[name] = cls
         return cls
@@ -167,10 +169,18 @@ class TopK(nn.Module):
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
 
+LATENT_SPACES = ("shared", "per_layer", "joint")
+"""What an arrangement's latents are: ``shared`` (one dictionary read at every layer),
+``per_layer`` (a dictionary per layer: latent i of layer a and of layer b are different
+latents) or ``joint`` (one code per token spanning all layers). Evaluation, analyses and the
+report ask the arrangement this instead of guessing from tensor shapes or names."""
+
+
 class SparseCoder(nn.Module):
     """Base of the arrangements: input ``[tokens, layers, d]``, one output per (token, layer)."""
 
     arch: ClassVar[str]
+    latent_space: ClassVar[str]
 
     def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
         super().__init__()
@@ -271,7 +281,7 @@ class SparseCoder(nn.Module):
         """Bool ``latent_shape``: which latents were active (> 0) anywhere in this batch."""
         out = torch.zeros(self.latent_shape(), dtype=torch.bool, device=top_acts.device)
         active = top_acts > 0
-        if len(self.latent_shape()) == 1:
+        if self.latent_space != "per_layer":
             out[top_idx[active]] = True
         else:  # per layer: top_idx [tokens, layers, k]
             layer = torch.arange(top_idx.shape[1], device=top_idx.device)[None, :, None].expand_as(top_idx)
@@ -282,6 +292,8 @@ class SparseCoder(nn.Module):
 @register("mlsae")
 class MultiLayerSAE(SparseCoder):
     """ONE dictionary for every layer: each (token, layer) vector is its own example."""
+
+    latent_space = "shared"
 
     def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
         super().__init__(cfg, d_model, layers, seed)
@@ -316,6 +328,8 @@ class MultiLayerSAE(SparseCoder):
 @register("per-layer")
 class PerLayerSAEs(SparseCoder):
     """One independent dictionary per layer: the single-layer baseline, trained side by side."""
+
+    latent_space = "per_layer"
 
     def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
         super().__init__(cfg, d_model, layers, seed)
@@ -378,6 +392,14 @@ def save_coder(
 
 LEGACY_SAE_SETTINGS = {"center_layers": False, "b_pre_init": "zero", "auxk_norm": "input"}
 """What runs saved before these settings existed did: no centring, b_pre from zero."""
+
+
+def latent_space_of(meta: dict) -> str:
+    """The latent space of the arrangement a saved ``config.json`` names."""
+    arch = meta["sae"]["arch"]
+    if arch not in ARRANGEMENTS:
+        raise MlsaeError(f"arrangement {arch!r} is unknown; known: {', '.join(ARRANGEMENTS)}")
+    return ARRANGEMENTS[arch].latent_space
 
 
 def read_coder_config(folder: str | Path) -> dict:
