@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mlsae.evaluate import open_run
+from mlsae.runs import open_run
 from mlsae.model import load_model, special_token_ids
 from mlsae.sae import fvu_per_layer
 from mlsae.text import iter_documents, keep_mask, pack_windows

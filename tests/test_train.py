@@ -118,7 +118,16 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
         trainer.train()
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
     assert state["step"] == 5 and state["tokens"] == 320
+    # an unfinished run is refused by eval and analyze, or opened at its checkpoint on request
+    from mlsae.runs import open_run
+
+    with pytest.raises(MlsaeError, match=r"is an unfinished run \(320 of 960 tokens trained\): continue it with `mlsae train --resume`"):
+        open_run(tmp_path / "run")
+    partial = open_run(tmp_path / "run", allow_unfinished=True)
+    checkpoint = weights(tmp_path / "run" / "checkpoint")
+    assert all(torch.equal(v, checkpoint[k]) for k, v in partial.coder.state_dict().items())
     train(cfg(tmp_path / "run", cache_dir, resume=True))
+    assert open_run(tmp_path / "run").meta["finished"] is True
     a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

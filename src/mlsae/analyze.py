@@ -24,7 +24,7 @@ from .activations import check_finite
 from .analysis import Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, decoder_geometry, prompt_heatmap
 from .config import save_json
 from .errors import MlsaeError
-from .evaluate import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
+from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
 from .text import keep_mask
 
@@ -61,11 +61,12 @@ def analyze(
     batch_tokens: int = 4096,
     out: Optional[str | Path] = None,
     progress: bool = True,
+    allow_unfinished: bool = False,
 ) -> dict:
     """Analyse a run on held-out text; returns the summary (also written to summary.json)."""
     started = time.perf_counter()
     dev = resolve_device(device)
-    run = open_run(run_dir, dev)
+    run = open_run(run_dir, dev, allow_unfinished)
     require_data(run, data)
     out = Path(out) if out else run.folder / "analysis"
     out.mkdir(parents=True, exist_ok=True)

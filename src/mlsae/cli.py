@@ -72,6 +72,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         tables[name] = evaluate(
             run, cfg.data, cfg.tokens, cfg.downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
             cfg.batch_tokens, out, ablations=cfg.ablations, paper_definitions=cfg.paper_definitions,
+            allow_unfinished=cfg.allow_unfinished,
         )
         shown = [c for c in ("layer", "fvu", "fvu_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce",
                              "delta_ce_paper", "kl", "kl_paper", "loss_recovered_zero") if c in tables[name].column_names]
@@ -91,7 +92,7 @@ def run_analyze(cfg: cfgmod.AnalyzeConfig) -> None:
     from .analyze import analyze
 
     summary = analyze(cfg.run, cfg.data, cfg.tokens, cfg.split, cfg.ctx, cfg.prompt or (), cfg.top_n, None, cfg.device,
-                      cfg.batch_tokens, cfg.out)
+                      cfg.batch_tokens, cfg.out, allow_unfinished=cfg.allow_unfinished)
     print(headline(summary))
     print(f"tables written to {Path(cfg.out) if cfg.out else Path(cfg.run) / 'analysis'}")
 

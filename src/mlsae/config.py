@@ -142,6 +142,8 @@ class HeldOutConfig:
     """Torch device: cpu, cuda, cuda:N, or auto."""
     batch_tokens: int = 4096
     """Tokens per batch through the model and the coder."""
+    allow_unfinished: bool = False
+    """Use an unfinished run's latest checkpoint (with a warning) instead of refusing it."""
 
 
 @dataclass

@@ -20,41 +20,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import ActivationBatch, ActivationCache, check_finite, live_batches
-from .config import DataConfig, from_dict, save_json
+from .activations import check_finite
+from .config import save_json
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
-from .sae import SparseCoder, load_coder, read_coder_config
+from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
+from .sae import SparseCoder
+from .text import keep_mask
 from .transforms import standardize
-from .text import data_windows, keep_mask
-
-
-@dataclass
-class RunSpec:
-    """A trained run: its coder, the model it reads and the data settings it was trained with."""
-
-    folder: Path
-    coder: SparseCoder
-    meta: dict
-
-
-def open_run(folder: str | Path, device: str | torch.device = "cpu") -> RunSpec:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MlsaeError(f"run folder {folder} does not exist")
-    read_coder_config(folder)
-    if not (folder / "sae.safetensors").is_file():
-        raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
-    coder, meta = load_coder(folder, device=device)
-    coder.eval()
-    return RunSpec(folder, coder, meta)
-
-
-def require_data(run: RunSpec, data: Optional[str]) -> None:
-    if not data:
-        raise MlsaeError(
-            f"no --data given: {run.folder} needs held-out text (it was trained on {run.meta.get('train', {}).get('data')})"
-        )
 
 
 def _check_layers(run: RunSpec, layers: Optional[Sequence[int]]) -> list[int]:
@@ -249,59 +222,6 @@ def downstream(
 # The whole evaluation of one run
 
 
-def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, ctx: Optional[int]) -> tuple[Iterator[Tensor], DataConfig]:
-    """Windows of other text, packed the way the run's training text was (BOS, exclusions)."""
-    trained = from_dict(DataConfig, run.meta.get("train", {}))
-    cfg = DataConfig(**{**trained.__dict__, "data": data, "split": split, "ctx": ctx or trained.ctx})
-    return data_windows(cfg, model.tokenizer), cfg
-
-
-def open_cache_for(run: RunSpec, data: str) -> Optional[ActivationCache]:
-    """The activation cache ``data`` names (None for text), refused if captured for another model."""
-    if not (Path(data) / "manifest.json").is_file():
-        return None
-    cache = ActivationCache(data)
-    if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
-        raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
-    cache.check_matches(layers=run.coder.layers)
-    return cache
-
-
-def check_model(run: RunSpec, model: ResidualModel) -> None:
-    if model.fingerprint() != run.meta["model_fingerprint"]:
-        raise MlsaeError(f"model {model.name} is not the model {run.folder} was trained on ({run.meta['model']})")
-
-
-@dataclass
-class HeldOut:
-    """Held-out batches of the run's layers and the windows they come from."""
-
-    batches: Iterator[ActivationBatch]
-    windows: list[Tensor]  # for text, filled as the batches are read
-    exclude_first_position: bool
-
-
-def held_out(
-    run: RunSpec, model: Optional[ResidualModel], cache: Optional[ActivationCache], data: str, split: str,
-    ctx: Optional[int], batch_tokens: int,
-) -> HeldOut:
-    """Batches in file order from a cache, or captured live from text packed like the run's."""
-    if cache is not None:
-        return HeldOut(cache.batches(batch_tokens, shuffle=False), list(cache.windows),
-                       cache.manifest.get("exclude_first_position", True))
-    win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
-    windows: list[Tensor] = []
-
-    def recorded() -> Iterator[Tensor]:
-        for w in win_iter:
-            windows.append(w)
-            yield w
-
-    excl = data_cfg.exclude_first_position
-    batches = live_batches(model, recorded(), run.coder.layers, max(1, batch_tokens // data_cfg.ctx), excl)
-    return HeldOut(batches, windows, excl)
-
-
 def evaluate(
     run_dir: str | Path,
     data: Optional[str],
@@ -317,11 +237,12 @@ def evaluate(
     progress: bool = True,
     ablations: bool = True,
     paper_definitions: bool = False,
+    allow_unfinished: bool = False,
 ) -> pa.Table:
     """Evaluate a run; writes ``eval.parquet`` and ``eval.json`` into ``out`` (default: the run)."""
     started = time.perf_counter()
     dev = resolve_device(device)
-    run = open_run(run_dir, dev)
+    run = open_run(run_dir, dev, allow_unfinished)
     require_data(run, data)
     layers = _check_layers(run, layers)
     cache = open_cache_for(run, data)

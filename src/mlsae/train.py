@@ -66,6 +66,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.state = TrainState(tokens_since_fired=torch.zeros(self.coder.latent_shape(), dtype=torch.long, device=self.device))
         self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
+        self.finished = False
         self._prepare_folder()
 
     # ---------------------------------------------------------------------------------------
@@ -84,7 +85,12 @@ class Trainer:
         self.micro = micro
 
     def _run_meta(self) -> dict:
-        meta = {"train": to_dict(self.cfg), "transforms": self.coder.transform.describe()}
+        meta = {
+            "train": to_dict(self.cfg),
+            "transforms": self.coder.transform.describe(),
+            "progress": {"step": self.state.step, "tokens": self.state.tokens},
+            "finished": self.finished,
+        }
         if self.init_info is not None:
             meta["init"] = self.init_info
         return meta
@@ -206,6 +212,7 @@ class Trainer:
             if wandb_run is not None:
                 wandb_run.finish()
         self.save_checkpoint()
+        self.finished = True
         save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
         return last
 

@@ -1,0 +1,132 @@
+"""A run folder and the one place that reads it: opening its coder (finished or not), and the
+held-out data that ``eval`` and ``analyze`` both read, packed the way the run's training text was.
+
+A run folder holds ``config.json`` (the coder's settings, the model, the training settings, the
+input transforms, how the coder was started, ``progress`` and whether training ``finished``),
+``sae.safetensors`` (the final coder once finished), ``metrics.jsonl``, ``checkpoint/`` (the
+latest checkpoint), and what evaluation, analysis and the report write beside them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .activations import ActivationBatch, ActivationCache, live_batches
+from .config import DataConfig, from_dict
+from .errors import MlsaeError
+from .model import ResidualModel
+from .sae import SparseCoder, load_coder, read_coder_config
+from .text import data_windows
+
+
+@dataclass
+class RunSpec:
+    """A trained run: its coder, the model it reads and the data settings it was trained with."""
+
+    folder: Path
+    coder: SparseCoder
+    meta: dict
+
+
+def is_finished(meta: dict) -> bool:
+    """Runs saved before completion was recorded count as finished: they had final weights."""
+    return bool(meta.get("finished", True))
+
+
+def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfinished: bool = False) -> RunSpec:
+    """The run's final coder; an unfinished run is refused, or (``allow_unfinished``) its latest
+    checkpoint is opened with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MlsaeError(f"run folder {folder} does not exist")
+    meta = read_coder_config(folder)
+    source = folder
+    if not is_finished(meta):
+        progress = meta.get("progress", {})
+        total = meta.get("train", {}).get("tokens")
+        done = f"{progress.get('tokens', 0):,} of {total:,} tokens" if isinstance(total, int) else "not all tokens"
+        if not allow_unfinished:
+            raise MlsaeError(
+                f"{folder} is an unfinished run ({done} trained): continue it with `mlsae train --resume` and the same "
+                f"settings, or pass --allow-unfinished to use its latest checkpoint"
+            )
+        source = folder / "checkpoint"
+        if not (source / "sae.safetensors").is_file():
+            raise MlsaeError(f"{folder} is an unfinished run with no checkpoint yet: nothing was trained")
+        progress = read_coder_config(source).get("progress", {})
+        print(f"warning: {folder} is unfinished; using its checkpoint at {progress.get('tokens', 0):,} tokens", file=sys.stderr)
+    if not (source / "sae.safetensors").is_file():
+        raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
+    coder, meta = load_coder(source, device=device)
+    coder.eval()
+    return RunSpec(folder, coder, meta)
+
+
+def require_data(run: RunSpec, data: Optional[str]) -> None:
+    if not data:
+        raise MlsaeError(
+            f"no --data given: {run.folder} needs held-out text (it was trained on {run.meta.get('train', {}).get('data')})"
+        )
+
+
+def check_model(run: RunSpec, model: ResidualModel) -> None:
+    if model.fingerprint() != run.meta["model_fingerprint"]:
+        raise MlsaeError(f"model {model.name} is not the model {run.folder} was trained on ({run.meta['model']})")
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out data, shared by eval and analyze
+
+
+def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, ctx: Optional[int]) -> tuple[Iterator[Tensor], DataConfig]:
+    """Windows of other text, packed the way the run's training text was (BOS, exclusions)."""
+    trained = from_dict(DataConfig, run.meta.get("train", {}))
+    cfg = DataConfig(**{**trained.__dict__, "data": data, "split": split, "ctx": ctx or trained.ctx})
+    return data_windows(cfg, model.tokenizer), cfg
+
+
+def open_cache_for(run: RunSpec, data: str) -> Optional[ActivationCache]:
+    """The activation cache ``data`` names (None for text), refused if captured for another model."""
+    if not (Path(data) / "manifest.json").is_file():
+        return None
+    cache = ActivationCache(data)
+    if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
+        raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
+    cache.check_matches(layers=run.coder.layers)
+    return cache
+
+
+@dataclass
+class HeldOut:
+    """Held-out batches of the run's layers and the windows they come from."""
+
+    batches: Iterator[ActivationBatch]
+    windows: list[Tensor]  # for text, filled as the batches are read
+    exclude_first_position: bool
+
+
+def held_out(
+    run: RunSpec, model: Optional[ResidualModel], cache: Optional[ActivationCache], data: str, split: str,
+    ctx: Optional[int], batch_tokens: int,
+) -> HeldOut:
+    """Batches in file order from a cache, or captured live from text packed like the run's."""
+    if cache is not None:
+        return HeldOut(cache.batches(batch_tokens, shuffle=False), list(cache.windows),
+                       cache.manifest.get("exclude_first_position", True))
+    win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
+    windows: list[Tensor] = []
+
+    def recorded() -> Iterator[Tensor]:
+        for w in win_iter:
+            windows.append(w)
+            yield w
+
+    excl = data_cfg.exclude_first_position
+    batches = live_batches(model, recorded(), run.coder.layers, max(1, batch_tokens // data_cfg.ctx), excl)
+    return HeldOut(batches, windows, excl)
