@@ -48,19 +48,20 @@ def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfin
     meta = read_coder_config(folder)
     source = folder
     if not is_finished(meta):
-        progress = meta.get("progress", {})
+        checkpoint = folder / "checkpoint"
+        has_checkpoint = (checkpoint / "sae.safetensors").is_file()
+        trained = read_coder_config(checkpoint).get("progress", {}).get("tokens", 0) if has_checkpoint else 0
         total = meta.get("train", {}).get("tokens")
-        done = f"{progress.get('tokens', 0):,} of {total:,} tokens" if isinstance(total, int) else "not all tokens"
+        done = f"{trained:,} of {total:,} tokens" if isinstance(total, int) else f"{trained:,} tokens"
         if not allow_unfinished:
             raise MlsaeError(
                 f"{folder} is an unfinished run ({done} trained): continue it with `mlsae train --resume` and the same "
                 f"settings, or pass --allow-unfinished to use its latest checkpoint"
             )
-        source = folder / "checkpoint"
-        if not (source / "sae.safetensors").is_file():
+        if not has_checkpoint:
             raise MlsaeError(f"{folder} is an unfinished run with no checkpoint yet: nothing was trained")
-        progress = read_coder_config(source).get("progress", {})
-        print(f"warning: {folder} is unfinished; using its checkpoint at {progress.get('tokens', 0):,} tokens", file=sys.stderr)
+        print(f"warning: {folder} is unfinished; using its checkpoint at {trained:,} tokens", file=sys.stderr)
+        source = checkpoint
     if not (source / "sae.safetensors").is_file():
         raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
     coder, meta = load_coder(source, device=device)
