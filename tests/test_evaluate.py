@@ -208,6 +208,9 @@ def test_evaluate_end_to_end_and_compare(tmp_path, tiny):
     data = str(tmp_path / "t.jsonl")
     t1 = evaluate(mlsae_run, data, tokens=200, downstream_tokens=60, model=tiny, device="cpu", progress=False)
     t2 = evaluate(per_layer, data, tokens=200, downstream_tokens=60, model=tiny, device="cpu", progress=False)
+    # no downstream budget given: a small evaluation stays small (min(4,000, tokens))
+    evaluate(mlsae_run, data, tokens=50, model=tiny, device="cpu", progress=False, ablations=False, out=tmp_path / "small")
+    assert json.loads((tmp_path / "small" / "eval.json").read_text())["downstream_tokens"] == 50
     assert t1.column("layer").to_pylist() == ["0", "1", "2", "mean"]
     for col in ("fvu", "fvu_standardized", "mse", "l0", "l1", "dead_fraction", "delta_ce", "kl", "ce_zero", "ce_mean",
                 "loss_recovered_zero", "loss_recovered_mean"):

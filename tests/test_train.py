@@ -251,3 +251,12 @@ def test_a_planted_outlier_dimension_starts_far_above_fvu_1_without_centring_and
         assert saved["init"]["fvu"] == pytest.approx(first["fvu"]) and saved["init"]["tokens"] == 512
         starts[name] = saved["init"]["fvu"]
     assert starts["old"] > 5 and 0.5 < starts["new"] < 1.5, starts
+
+
+def test_a_run_trains_exactly_the_tokens_asked_even_below_one_step(tmp_path, cache_dir):
+    result = train(cfg(tmp_path / "run", cache_dir, tokens=40, tokens_per_step=128, micro_batch_tokens=32))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result["tokens"] == 40 and [l["step_tokens"] for l in lines] == [0, 40]
+    result = train(cfg(tmp_path / "run2", cache_dir, tokens=200, tokens_per_step=64, micro_batch_tokens=32))
+    steps = [json.loads(l)["step_tokens"] for l in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert result["tokens"] == 200 and steps == [0, 64, 64, 64, 8]

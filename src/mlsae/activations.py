@@ -323,7 +323,12 @@ def live_buffers(
         n_rows = int(keep_mask(torch.stack(group), special, exclude_first_position).sum())
 
         def load() -> ActivationBatch:
-            parts = list(live_batches(model, group, layers, windows_per_batch, exclude_first_position))
+            parts = []
+            # capturing a large buffer takes a while: show it, so no bar sits still at 0%
+            with tqdm(total=n_rows, unit="tok", desc="filling the shuffle buffer", leave=False) as bar:
+                for part in live_batches(model, group, layers, windows_per_batch, exclude_first_position):
+                    parts.append(part)
+                    bar.update(len(part))
             data = _merge(parts)
             data.window += first
             g = torch.Generator().manual_seed(seed * 1_000_003 + index)

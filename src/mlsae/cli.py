@@ -53,14 +53,15 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
 
 
 def run_eval(cfg: cfgmod.EvalConfig) -> None:
-    from .evaluate import compare, evaluate, format_table
+    from .evaluate import compare, default_downstream_tokens, evaluate, format_table
 
     runs = [cfg.run] + list(cfg.compare or [])
     names = [Path(r).name for r in runs]
     if len(set(names)) != len(names):
         names = [str(r) for r in runs]
     model = None
-    if cfg.data and (cfg.downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file()):
+    downstream_tokens = default_downstream_tokens(cfg.tokens, cfg.downstream_tokens)
+    if cfg.data and (downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file()):
         from .model import load_model
         from .sae import read_coder_config
 
@@ -70,7 +71,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         out = Path(cfg.out) / Path(run).name if cfg.out and len(runs) > 1 else cfg.out
         print(f"evaluating {run}")
         tables[name] = evaluate(
-            run, cfg.data, cfg.tokens, cfg.downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
+            run, cfg.data, cfg.tokens, downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
             cfg.batch_tokens, out, ablations=cfg.ablations, paper_definitions=cfg.paper_definitions,
             allow_unfinished=cfg.allow_unfinished,
         )

@@ -148,8 +148,8 @@ class HeldOutConfig:
 
 @dataclass
 class EvalConfig(HeldOutConfig):
-    downstream_tokens: int = 4_000
-    """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them."""
+    downstream_tokens: Optional[int] = None
+    """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them (default: the smaller of 4,000 and --tokens)."""
     ablations: bool = True
     """Also measure zero- and mean-ablation and loss recovered (triples the downstream cost)."""
     paper_definitions: bool = False

@@ -226,7 +226,7 @@ def evaluate(
     run_dir: str | Path,
     data: Optional[str],
     tokens: int = 20_000,
-    downstream_tokens: int = 4_000,
+    downstream_tokens: Optional[int] = None,
     split: str = "test",
     ctx: Optional[int] = None,
     layers: Optional[Sequence[int]] = None,
@@ -239,8 +239,13 @@ def evaluate(
     paper_definitions: bool = False,
     allow_unfinished: bool = False,
 ) -> pa.Table:
-    """Evaluate a run; writes ``eval.parquet`` and ``eval.json`` into ``out`` (default: the run)."""
+    """Evaluate a run; writes ``eval.parquet`` and ``eval.json`` into ``out`` (default: the run).
+
+    ``downstream_tokens`` None means the smaller of 4,000 and ``tokens``: a small evaluation
+    stays small.
+    """
     started = time.perf_counter()
+    downstream_tokens = default_downstream_tokens(tokens, downstream_tokens)
     dev = resolve_device(device)
     run = open_run(run_dir, dev, allow_unfinished)
     require_data(run, data)
@@ -309,6 +314,18 @@ def evaluate(
     }
     save_json(out / "eval.json", summary)
     return table
+
+
+def default_downstream_tokens(tokens: int, downstream_tokens: Optional[int]) -> int:
+    if downstream_tokens is None:
+        return min(DOWNSTREAM_TOKENS, tokens)
+    if downstream_tokens < 0:
+        raise MlsaeError(f"downstream_tokens {downstream_tokens}: expected 0 (skip) or a positive number")
+    return downstream_tokens
+
+
+DOWNSTREAM_TOKENS = 4_000
+"""The downstream budget when none is given (capped by the reconstruction budget)."""
 
 
 def _peak_rss_mb() -> float:

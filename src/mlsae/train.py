@@ -186,9 +186,13 @@ class Trainer:
                 first = self._initialise(batches, metrics_file)
                 batches = itertools.chain(first, batches)
             while self.state.tokens < cfg.tokens:
-                micro_batches = list(itertools.islice(batches, micro_per_step))
+                # the last step is cut to what was asked: never more tokens than --tokens
+                remaining = cfg.tokens - self.state.tokens
+                micro_batches = list(itertools.islice(batches, min(micro_per_step, -(-remaining // self.micro))))
                 if not micro_batches:
                     raise MlsaeError("the activation source produced no data")
+                if sum(len(b) for b in micro_batches) > remaining:
+                    micro_batches[-1] = micro_batches[-1].slice(0, remaining - sum(len(b) for b in micro_batches[:-1]))
                 last = self._step(micro_batches)
                 elapsed = time.perf_counter() - started
                 last["tokens_per_s"] = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
