@@ -134,6 +134,41 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
     assert steps == list(range(0, 16))
 
 
+def test_ctrl_c_during_the_optimizer_step_waits_for_the_counters(tmp_path, cache_dir, monkeypatch):
+    import os
+    import signal
+
+    train(cfg(tmp_path / "full", cache_dir))
+    trainer = Trainer(cfg(tmp_path / "run", cache_dir))
+    real = trainer.optimizer.step
+
+    def step_then_ctrl_c(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if trainer.state.step == 4:  # the signal lands after the weights changed, before the counters did
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(trainer.optimizer, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["step"] == 5 and state["tokens"] == 320  # the step was completed, then saved
+    monkeypatch.undo()
+    train(cfg(tmp_path / "run", cache_dir, resume=True))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_setting_that_changes_the_result(tmp_path, cache_dir):
+    train(cfg(tmp_path / "run", cache_dir, tokens=128))
+    for name, value, flag in (("lr", 1e-2, "--lr"), ("seed", 3, "--seed"), ("tokens_per_step", 32, "--tokens-per-step"),
+                              ("center_layers", False, "--center-layers")):
+        with pytest.raises(MlsaeError, match=f"--resume: {flag} is .* but the run in .* was trained with"):
+            train(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True, **{name: value}))
+    # the total tokens and the checkpoint interval may change
+    assert train(cfg(tmp_path / "run", cache_dir, tokens=256, checkpoint_tokens=64, resume=True))["tokens"] == 256
+
+
 def test_dead_latents_are_counted_in_tokens(tmp_path, cache_dir):
     trainer = Trainer(cfg(tmp_path / "run", cache_dir, dead_tokens=100, expansion_factor=8, k=1))
     batch = next(iter(trainer.cache.batches(32, shuffle=False)))
@@ -260,3 +295,16 @@ def test_a_run_trains_exactly_the_tokens_asked_even_below_one_step(tmp_path, cac
     result = train(cfg(tmp_path / "run2", cache_dir, tokens=200, tokens_per_step=64, micro_batch_tokens=32))
     steps = [json.loads(l)["step_tokens"] for l in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert result["tokens"] == 200 and steps == [0, 64, 64, 64, 8]
+
+
+def test_training_from_a_cache_records_the_cache_packing_and_refuses_a_contradiction(tmp_path, cache_dir):
+    from mlsae.config import DataConfig
+
+    run = cfg(tmp_path / "run", cache_dir, tokens=64)
+    run.ctx, run.exclude_first_position = DataConfig.ctx, DataConfig.exclude_first_position  # left at the defaults
+    train(run)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["ctx"] == 32 and saved["exclude_first_position"] is True  # the cache's, not the default 2048
+    with pytest.raises(MlsaeError, match="--ctx 64 contradicts the cache .* captured with 32: drop --ctx or recapture"):
+        train(cfg(tmp_path / "other", cache_dir, tokens=64, ctx=64))
+    assert not (tmp_path / "other" / "config.json").exists()  # refused before anything was written

@@ -7,9 +7,13 @@ training settings), ``sae.safetensors`` (the final coder), ``metrics.jsonl`` and
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,10 @@ from .model import ResidualModel, load_model, resolve_device
 from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
 from .text import data_windows
 
+
+RESUMABLE_CHANGES = frozenset({"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model"})
+"""Settings a resumed run may change: they do not alter what it computes (the cache and model
+are checked by content: the same model fingerprint and layers)."""
 
 B_PRE_START = {"geometric_median": "the geometric median", "mean": "the mean", "zero": "zero"}
 
@@ -46,6 +54,7 @@ class Trainer:
         self._check_settings()
         self.cache = ActivationCache(cfg.cache) if cfg.cache else None
         if self.cache is not None:
+            self.cfg = cfg = settings_from_cache(cfg, self.cache.manifest)
             if cfg.layers is not None:
                 self.cache.check_matches(layers=sorted(cfg.layers))
             self.layers = self.cache.layers
@@ -139,8 +148,9 @@ class Trainer:
         if saved["sae"]["arch"] != self.cfg.arch:
             raise MlsaeError(f"--resume: {self.out} holds a {saved['sae']['arch']} run, not {self.cfg.arch}")
         coder, _ = load_coder(folder, model_fingerprint=self.fingerprint, arch=self.cfg.arch, device=self.device)
-        if saved["layers"] != self.layers or {**LEGACY_SAE_SETTINGS, **saved["sae"]} != to_dict(self.coder.cfg):
-            raise MlsaeError(f"--resume: the settings differ from those of the run in {self.out} (see its config.json)")
+        if saved["layers"] != self.layers:
+            raise MlsaeError(f"--resume: the run in {self.out} was trained on layers {saved['layers']}, not {self.layers}")
+        self._check_unchanged({**LEGACY_SAE_SETTINGS, **saved["sae"], **saved.get("train", {})})
         self.coder.load_state_dict(coder.state_dict())
         state = torch.load(folder / "trainer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -148,12 +158,27 @@ class Trainer:
         self.init_info = saved.get("init")
         self._drop_metrics_after(self.state.step)
 
+    def _check_unchanged(self, saved: dict) -> None:
+        """Refuse a resume whose settings would make the result differ from an uninterrupted run."""
+        now = to_dict(self.cfg)
+        for name, value in now.items():
+            if name in RESUMABLE_CHANGES or name not in saved or saved[name] == value:
+                continue
+            flag = "--" + name.replace("_", "-")
+            raise MlsaeError(
+                f"--resume: {flag} is {value!r} but the run in {self.out} was trained with {saved[name]!r}; a resumed run "
+                f"must keep every setting that changes its result (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+            )
+
     def _drop_metrics_after(self, step: int) -> None:
-        """After a crash, the log may hold steps past the checkpoint: they are about to be redone."""
+        """After a crash, the log may hold steps past the checkpoint: they are about to be redone.
+        The file is rewritten atomically (a temporary file, then renamed)."""
         path = self.out / "metrics.jsonl"
         if path.exists():
             lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in lines))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            tmp.replace(path)
 
     # ---------------------------------------------------------------------------------------
     def _buffers(self) -> Iterator[RowBuffer]:
@@ -280,13 +305,14 @@ class Trainer:
             # A latent's clock counts tokens: it resets where the latent fired in this micro-batch.
             since_fired += len(batch)
             since_fired[fired] = 0
-        coder.remove_parallel_grads()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        coder.normalize_decoder()
-        self.state.step += 1
-        self.state.tokens += step_tokens
-        self.state.tokens_since_fired = since_fired
+        with interrupts_deferred():  # weights and counters change together, or not at all
+            coder.remove_parallel_grads()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            coder.normalize_decoder()
+            self.state.step += 1
+            self.state.tokens += step_tokens
+            self.state.tokens_since_fired = since_fired
         dead_now = since_fired >= cfg.dead_tokens
         return {
             "step": self.state.step,
@@ -298,6 +324,42 @@ class Trainer:
             "fvu_per_layer": [round(float(v), 5) for v in totals["fvu"]],
             "dead_fraction": float(dead_now.float().mean()),
         }
+
+
+def settings_from_cache(cfg: TrainConfig, manifest: dict) -> TrainConfig:
+    """The data settings a cache was captured with, recorded in the run (eval packs held-out text
+    the same way). A value given on the command line that contradicts the cache is refused."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    taken = {}
+    for name in ("ctx", "exclude_first_position", "prepend_bos"):
+        cached, given = manifest.get(name), getattr(cfg, name)
+        if cached is None or given == cached:
+            continue
+        if given != defaults[name]:
+            flag = "--" + name.replace("_", "-")
+            raise MlsaeError(f"{flag} {given!r} contradicts the cache {cfg.cache}, captured with {cached!r}: drop {flag} or recapture")
+        taken[name] = cached
+    for name in ("data", "split"):  # what the activations really came from
+        if manifest.get(name) is not None:
+            taken[name] = manifest[name]
+    return dataclasses.replace(cfg, **taken)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done, then raise
+    it: a checkpoint saved on interrupt never pairs new weights with old counters."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _start_wandb(cfg: TrainConfig):
