@@ -142,6 +142,28 @@ class Recorder(torch.nn.Module):
         return SimpleNamespace(x_hat=x * self.scale)
 
 
+def test_mean_ablation_splices_the_means_at_the_kept_positions_only_and_scores_those(tiny):
+    from mlsae.model import special_token_ids
+    from mlsae.text import keep_mask
+
+    wins = _windows(tiny, 2)
+    ids = torch.stack(wins)
+    keep = keep_mask(ids, special_token_ids(tiny.tokenizer), True)
+    means = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 3  # non-zero: differs from zero-ablation
+    out = downstream(tiny, Oracle([0, 1, 2]), wins, [1], means, True, 2, progress=False)
+    clean_resid = tiny.capture(ids)[:, :, 1]
+    spliced = torch.where(keep[..., None], means[1].expand_as(clean_resid), clean_resid)  # the first position stays clean
+    clean = torch.log_softmax(tiny.logits(ids)[:, :-1].float(), -1)
+    logp = torch.log_softmax(tiny.logits_from(1, spliced, ids)[:, :-1].float(), -1)
+    m = keep[:, :-1]  # scored: the predictions made at positions that count
+    ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[m].mean().item()
+    kl = (clean.exp() * (clean - logp)).sum(-1)[m].mean().item()
+    assert out["ce_mean"][0] == pytest.approx(ce, rel=1e-5) and out["kl_mean"][0] == pytest.approx(kl, rel=1e-4)
+    assert out["ce_mean"][0] != pytest.approx(out["ce_zero"][0], rel=1e-3)
+    everywhere = torch.log_softmax(tiny.logits_from(1, means[1].expand_as(clean_resid), ids)[:, :-1].float(), -1)
+    assert -everywhere.gather(-1, ids[:, 1:, None]).squeeze(-1)[m].mean().item() != pytest.approx(ce, rel=1e-6)
+
+
 def test_paper_delta_ce_splices_and_scores_every_position(tiny):
     from mlsae.model import special_token_ids
     from mlsae.text import keep_mask

@@ -78,6 +78,30 @@ def test_logits_from_unchanged_residual_reproduces_logits_exactly(arch):
     assert torch.equal(model.logits(ids), clean)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_from_a_modified_residual_equals_a_forward_with_that_layer_replaced(arch):
+    """A changed residual (not the clean one, which would pass even if it were ignored) gives
+    the logits of a full forward whose block output is replaced by a hook, at every layer."""
+    model = tiny_model(arch, n_layers=3)
+    ids = torch.randint(4, 90, (2, 10))
+    acts = model.capture(ids)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(3):
+        modified = acts[:, :, layer] * 0.7 + torch.randn(acts[:, :, layer].shape, generator=g)
+
+        def replace(module, args, output, modified=modified):
+            return (modified,) + tuple(output[1:]) if isinstance(output, tuple) else modified
+
+        handle = model.blocks[layer].register_forward_hook(replace)
+        try:
+            reference = model.logits(ids)
+        finally:
+            handle.remove()
+        spliced = model.logits_from(layer, modified, ids)
+        torch.testing.assert_close(spliced, reference, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(spliced, model.logits(ids), atol=1e-3)  # the replacement mattered
+
+
 def test_logits_from_skips_earlier_blocks_and_uses_the_replacement():
     model = tiny_model("llama", n_layers=3)
     ids = torch.randint(4, 90, (1, 8))
