@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from mlsae.activations import write_cache
+from mlsae.checkpoint import read_progress
 from mlsae.config import TrainConfig
 from mlsae.errors import MlsaeError
 from mlsae.text import pack_windows
@@ -116,7 +117,7 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, cache_dir, monkeypatch):
         f.write(json.dumps({"step": 99}) + "\n")
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
+    state = read_progress(tmp_path / "run" / "checkpoint")
     assert state["step"] == 5 and state["tokens"] == 320
     # an unfinished run is refused by eval and analyze, or opened at its checkpoint on request
     from mlsae.runs import open_run
@@ -151,7 +152,7 @@ def test_ctrl_c_during_the_optimizer_step_waits_for_the_counters(tmp_path, cache
     monkeypatch.setattr(trainer.optimizer, "step", step_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
+    state = read_progress(tmp_path / "run" / "checkpoint")
     assert state["step"] == 5 and state["tokens"] == 320  # the step was completed, then saved
     monkeypatch.undo()
     train(cfg(tmp_path / "run", cache_dir, resume=True))
@@ -222,30 +223,60 @@ def test_nan_activations_stop_and_keep_the_last_checkpoint(tmp_path, cache_dir):
     train(cfg(tmp_path / "run", cache_dir, tokens=320))  # a good run with a checkpoint at 320 tokens
     with pytest.raises(MlsaeError, match=r"step \d+: NaN or inf activations at layer 2"):
         train(cfg(tmp_path / "run", bad, checkpoint_tokens=64, tokens=1500, resume=True))
-    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer.pt", weights_only=True)
+    state = read_progress(tmp_path / "run" / "checkpoint")
     assert state["tokens"] >= 320
     load_file(str(tmp_path / "run" / "checkpoint" / "sae.safetensors"))  # intact
 
 
-def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cache_dir, monkeypatch):
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cache_dir, monkeypatch):
+    import errno
+
+    import mlsae.checkpoint
+
     trainer = Trainer(cfg(tmp_path / "run", cache_dir, tokens=128))
     trainer.train()
     before = weights(tmp_path / "run" / "checkpoint")
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(mlsae.checkpoint, "save_file", full)
     with torch.no_grad():
         for p in trainer.coder.parameters():
             p.add_(1.0)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MlsaeError, match="could not write a checkpoint in .*: no space left on the device; the previous checkpoint is kept"):
         trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoint.tmp").exists()
     after = weights(tmp_path / "run" / "checkpoint")
     assert all(torch.equal(before[k], after[k]) for k in before)
     monkeypatch.undo()
     resumed = Trainer(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True))
     assert resumed.state.tokens == 128
+
+
+def test_a_corrupted_checkpoint_is_named_and_the_previous_one_used(tmp_path, cache_dir):
+    import shutil
+
+    train(cfg(tmp_path / "run", cache_dir, tokens=128, checkpoint_tokens=64))
+    ck = tmp_path / "run" / "checkpoint"
+    shutil.copytree(ck, tmp_path / "run" / "checkpoint.old")  # as if a crash came mid-swap
+    data = bytearray((ck / "trainer.safetensors").read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte
+    (ck / "trainer.safetensors").write_bytes(bytes(data))
+    resumed = Trainer(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True))
+    assert resumed.state.tokens == 128  # from checkpoint.old
+    shutil.rmtree(tmp_path / "run" / "checkpoint.old")
+    with pytest.raises(MlsaeError, match=r"no usable checkpoint in .*trainer.safetensors is corrupted or truncated"):
+        Trainer(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True))
+    (ck / "sae.safetensors").write_bytes((ck / "sae.safetensors").read_bytes()[:100])  # truncated
+    with pytest.raises(MlsaeError, match="no usable checkpoint"):
+        Trainer(cfg(tmp_path / "run", cache_dir, tokens=256, resume=True))
+
+
+def test_no_pickle_in_a_checkpoint(tmp_path, cache_dir):
+    train(cfg(tmp_path / "run", cache_dir, tokens=64))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir())
+    assert names == ["checksums.json", "config.json", "sae.safetensors", "trainer.json", "trainer.safetensors"]
 
 
 def planted_model():

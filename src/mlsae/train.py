@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
 from .config import SAEConfig, TrainConfig, save_json, subset, to_dict
 from .errors import MlsaeError
@@ -122,28 +123,14 @@ class Trainer:
     # Checkpoints: written to checkpoint.tmp, then swapped in; the previous one survives a crash.
 
     def save_checkpoint(self) -> None:
-        tmp, final, old = (self.out / n for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_coder(self.coder, tmp, self.model_name, self.fingerprint, self._run_meta())
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.state.step,
-                "tokens": self.state.tokens,
-                "tokens_since_fired": self.state.tokens_since_fired.cpu(),
-            },
-            tmp / "trainer.pt",
+        checkpoint.save(
+            self.out,
+            lambda folder: save_coder(self.coder, folder, self.model_name, self.fingerprint, self._run_meta()),
+            self.optimizer, self.state.step, self.state.tokens, self.state.tokens_since_fired,
         )
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
-        folder = next((self.out / n for n in ("checkpoint", "checkpoint.old") if (self.out / n / "trainer.pt").exists()), None)
-        if folder is None:
-            raise MlsaeError(f"--resume: {self.out} holds no checkpoint to resume from")
+        folder = checkpoint.latest(self.out)
         saved = read_coder_config(folder)
         if saved["sae"]["arch"] != self.cfg.arch:
             raise MlsaeError(f"--resume: {self.out} holds a {saved['sae']['arch']} run, not {self.cfg.arch}")
@@ -152,9 +139,8 @@ class Trainer:
             raise MlsaeError(f"--resume: the run in {self.out} was trained on layers {saved['layers']}, not {self.layers}")
         self._check_unchanged({**LEGACY_SAE_SETTINGS, **saved["sae"], **saved.get("train", {})})
         self.coder.load_state_dict(coder.state_dict())
-        state = torch.load(folder / "trainer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.state = TrainState(state["step"], state["tokens"], state["tokens_since_fired"].to(self.device))
+        step, tokens, clocks = checkpoint.load_trainer(folder, self.optimizer, self.device)
+        self.state = TrainState(step, tokens, clocks)
         self.init_info = saved.get("init")
         self._drop_metrics_after(self.state.step)
 
@@ -175,7 +161,7 @@ class Trainer:
         The file is rewritten atomically (a temporary file, then renamed)."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            lines = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in lines))
             tmp.replace(path)
@@ -324,6 +310,14 @@ class Trainer:
             "fvu_per_layer": [round(float(v), 5) for v in totals["fvu"]],
             "dead_fraction": float(dead_now.float().mean()),
         }
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line; None for a blank or torn line (a crash mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def settings_from_cache(cfg: TrainConfig, manifest: dict) -> TrainConfig:
