@@ -96,3 +96,41 @@ def test_check_finite_names_the_layer():
     acts[2, 1, 3] = float("nan")
     with pytest.raises(MlsaeError, match="step 7: NaN or inf activations at layer 5"):
         check_finite(acts, "step 7", [0, 5, 9])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_truncated_or_corrupted_shard_is_named_and_refused(tmp_path, dtype):
+    import hashlib
+    import json
+
+    model = tiny_model("llama", n_layers=3)
+    write_cache(model, iter(windows(model)), tmp_path / "c", tokens=200, dtype=dtype, shard_tokens=64)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    shard = manifest["shards"][1]
+    path = tmp_path / "c" / shard["acts"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["acts_sha256"]  # the recorded checksum is the file's
+    ActivationCache(tmp_path / "c", verify=True)  # intact: accepted
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x55
+    path.write_bytes(bytes(data))
+    ActivationCache(tmp_path / "c")  # same size: only the checksum can tell
+    with pytest.raises(MlsaeError, match=r"acts-00001.bin is corrupted \(its checksum does not match the manifest\)"):
+        ActivationCache(tmp_path / "c", verify=True)
+    path.write_bytes(bytes(data[:-7]))
+    with pytest.raises(MlsaeError, match=r"shard acts-00001.bin is truncated or damaged"):
+        ActivationCache(tmp_path / "c")
+
+
+def test_a_full_disk_while_caching_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    model = tiny_model("llama", n_layers=3)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(MlsaeError, match="could not write cache shard 00000 in .*: no space left on the device"):
+        write_cache(model, iter(windows(model)), tmp_path / "c", tokens=100, shard_tokens=64)

@@ -93,3 +93,23 @@ def test_report_renders_every_figure_in_headless_chromium(run, tmp_path):
         capture_output=True, text=True, timeout=120,
     ).stdout
     assert f"<title>loaded {len(images)} of {len(images)}</title>" in dom
+
+
+def test_a_corrupted_table_is_named_and_refused_by_the_report(run, tmp_path):
+    folder, model = run
+    copy = tmp_path / "run"
+    shutil.copytree(folder / "run", copy)
+    evaluate(copy, str(folder / "t.jsonl"), tokens=100, downstream_tokens=0, model=model, device="cpu", progress=False)
+    analyze(copy, str(folder / "t.jsonl"), tokens=100, model=model, device="cpu", progress=False)
+    listed = json.loads((copy / "analysis" / "checksums.json").read_text())
+    assert {"latents.parquet", "summary.json"} <= set(listed)
+    build_report(copy)  # intact: fine
+    table = copy / "analysis" / "latents.parquet"
+    table.write_bytes(table.read_bytes()[:-10])
+    with pytest.raises(MlsaeError, match=r"latents.parquet is corrupted or truncated .*: run `mlsae analyze` again"):
+        build_report(copy)
+    table.unlink()
+    shutil.copy(folder / "run" / "config.json", copy / "config.json")
+    (copy / "eval.parquet").write_bytes(b"PAR1 not a table")
+    with pytest.raises(MlsaeError, match=r"eval.parquet is corrupted or truncated .*: run `mlsae eval` again"):
+        build_report(copy)

@@ -11,6 +11,8 @@ and per shard ``acts-NNNNN.bin`` (a raw memory-mappable ``[rows, layers, d]`` ar
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import save_json
+from .integrity import sha256
 from .errors import MlsaeError
 from .model import ResidualModel, parse_dtype, special_token_ids
 from .text import keep_mask
@@ -130,9 +133,17 @@ def write_cache(
         rows = torch.stack([torch.cat([b.window for b in batches]), torch.cat([b.position for b in batches])], 1)
         name = f"{len(shards):05d}"
         array = acts.view(torch.int16).numpy().view(np.uint16) if torch_dtype == torch.bfloat16 else acts.numpy()
-        array.tofile(out / f"acts-{name}.bin")
-        np.save(out / f"rows-{name}.npy", rows.numpy().astype(np.int32))
-        shards.append({"acts": f"acts-{name}.bin", "rows": f"rows-{name}.npy", "n": int(acts.shape[0])})
+        try:
+            array.tofile(out / f"acts-{name}.bin")
+            np.save(out / f"rows-{name}.npy", rows.numpy().astype(np.int32))
+        except OSError as e:
+            why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise MlsaeError(f"could not write cache shard {name} in {out}: {why}") from None
+        shards.append({
+            "acts": f"acts-{name}.bin", "rows": f"rows-{name}.npy", "n": int(acts.shape[0]),
+            "acts_sha256": hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest(),
+            "rows_sha256": sha256(out / f"rows-{name}.npy"),
+        })
 
     def windows_seen() -> Iterator[Tensor]:
         for w in windows:
@@ -193,9 +204,13 @@ def _merge(batches: list[ActivationBatch]) -> ActivationBatch:
 
 
 class ActivationCache:
-    """Read a cache folder; shards are memory-mapped, never loaded whole."""
+    """Read a cache folder; shards are memory-mapped, never loaded whole.
 
-    def __init__(self, folder: str | Path):
+    Every shard's size is checked on opening (a truncated file is named and refused);
+    ``verify=True`` also checks each file's sha256 against the manifest (one full read).
+    """
+
+    def __init__(self, folder: str | Path, verify: bool = False):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.is_file():
@@ -205,10 +220,37 @@ class ActivationCache:
             raise MlsaeError(f"cache {folder} has format {self.manifest.get('format')}; this version reads {CACHE_FORMAT}")
         self.layers: list[int] = self.manifest["layers"]
         self.dtype = parse_dtype(self.manifest["dtype"], "cache dtype")
+        self._check_sizes()
+        if verify:
+            self.verify()
         self.windows = torch.from_numpy(np.load(self.folder / "windows.npy").astype(np.int64))
         self._acts = [self._map(s) for s in self.manifest["shards"]]
         self._rows = [np.load(self.folder / s["rows"]) for s in self.manifest["shards"]]
         self._offsets = np.cumsum([0] + [s["n"] for s in self.manifest["shards"]])
+
+    def _check_sizes(self) -> None:
+        row_bytes = len(self.layers) * self.manifest["d_model"] * torch.tensor([], dtype=self.dtype).element_size()
+        for shard in self.manifest["shards"]:
+            path = self.folder / shard["acts"]
+            if not path.is_file():
+                raise MlsaeError(f"cache {self.folder}: shard {path.name} is missing")
+            if path.stat().st_size != shard["n"] * row_bytes:
+                raise MlsaeError(
+                    f"cache {self.folder}: shard {path.name} is truncated or damaged ({path.stat().st_size:,} bytes, "
+                    f"expected {shard['n'] * row_bytes:,}); recapture it with `mlsae cache --overwrite`"
+                )
+
+    def verify(self) -> None:
+        """Check every shard against the sha256 in the manifest (caches written before checksums pass)."""
+        shards = self.manifest["shards"]
+        for shard in tqdm(shards, desc="verifying the cache", unit="shard", leave=False, disable=len(shards) < 2):
+            for key in ("acts", "rows"):
+                expected = shard.get(f"{key}_sha256")
+                if expected is not None and sha256(self.folder / shard[key]) != expected:
+                    raise MlsaeError(
+                        f"cache {self.folder}: {shard[key]} is corrupted (its checksum does not match the manifest); "
+                        f"recapture it with `mlsae cache --overwrite`"
+                    )
 
     def _map(self, shard: dict) -> np.ndarray:
         shape = (shard["n"], len(self.layers), self.manifest["d_model"])

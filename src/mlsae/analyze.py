@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .activations import check_finite
 from .analysis import Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, decoder_geometry, prompt_heatmap
 from .config import save_json
+from .integrity import write_checksums
 from .errors import MlsaeError
 from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
@@ -138,6 +139,7 @@ def analyze(
         pq.write_table(table, out / f"{name}.parquet")
     summary["seconds"] = time.perf_counter() - started
     save_json(out / "summary.json", summary)
+    write_checksums(out)  # last: the report refuses a table that no longer matches
     return summary
 
 

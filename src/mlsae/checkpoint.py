@@ -14,7 +14,6 @@ the new one is in place, so a crash at any point leaves at least one complete ch
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,41 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import save_json
+from .integrity import verify_folder, write_checksums
 from .errors import MlsaeError
 
 NAMES = ("checkpoint", "checkpoint.old")  # newest first
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_checksums(folder: Path) -> None:
-    """Record the sha256 of every file in ``folder``; written last, it marks the folder complete."""
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != "checksums.json")
-    save_json(folder / "checksums.json", {name: sha256(folder / name) for name in files})
-
-
-def verify(folder: Path) -> Optional[str]:
-    """None if every file matches its recorded checksum, else what is wrong (one line)."""
-    listing = folder / "checksums.json"
-    if not listing.is_file():
-        return f"{folder} is incomplete (no checksums.json)"
-    try:
-        expected = json.loads(listing.read_text())
-    except ValueError:
-        return f"{listing} is corrupted"
-    for name, digest in expected.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if sha256(path) != digest:
-            return f"{path} is corrupted or truncated (its checksum does not match)"
-    return None
 
 
 def save(out: Path, write_coder: Callable[[Path], None], optimizer: torch.optim.Optimizer, step: int, tokens: int,
@@ -85,20 +53,20 @@ def save(out: Path, write_coder: Callable[[Path], None], optimizer: torch.optim.
     shutil.rmtree(old, ignore_errors=True)
 
 
-def latest(out: Path) -> Path:
+def latest(out: Path, purpose: str = "--resume") -> Path:
     """The newest complete, uncorrupted checkpoint folder, or a clear error naming what is wrong."""
     problems = []
     for name in NAMES:
         folder = out / name
         if not folder.is_dir():
             continue
-        problem = verify(folder)
+        problem = verify_folder(folder)
         if problem is None:
             return folder
         problems.append(problem)
     if problems:
-        raise MlsaeError(f"--resume: no usable checkpoint in {out}: {'; '.join(problems)}")
-    raise MlsaeError(f"--resume: {out} holds no checkpoint to resume from")
+        raise MlsaeError(f"{purpose}: no usable checkpoint in {out}: {'; '.join(problems)}")
+    raise MlsaeError(f"{purpose}: {out} holds no checkpoint to resume from")
 
 
 def load_trainer(folder: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, int, torch.Tensor]:

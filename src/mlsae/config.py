@@ -114,6 +114,8 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
     """Write a checkpoint every this many tokens."""
     shuffle_buffer_mb: int = 512
     """Memory for shuffling cached activations, in MB."""
+    verify_cache: bool = True
+    """Check the cache's checksums before training (one read of the whole cache)."""
     out: str = "runs/mlsae"
     """Run folder: config.json, checkpoints, metrics.jsonl."""
     resume: bool = False

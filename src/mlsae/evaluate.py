@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .activations import check_finite
 from .config import save_json
+from .integrity import sha256
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
 from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
@@ -311,6 +312,7 @@ def evaluate(
         "peak_rss_mb": _peak_rss_mb(),
         "fvu_minimised_in_training": run.coder.cfg.loss_space,
         "transforms": run.coder.transform.describe(),
+        "eval_parquet_sha256": sha256(out / "eval.parquet"),
     }
     save_json(out / "eval.json", summary)
     return table

@@ -21,6 +21,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from .errors import MlsaeError  # noqa: E402
+from .integrity import file_problem, recorded_checksum  # noqa: E402
 from .sae import latent_space_of, read_coder_config  # noqa: E402
 
 CSS = """
@@ -77,7 +79,17 @@ class Report:
 
 
 def _read(path: Path) -> Optional[pa.Table]:
-    return pq.read_table(path) if path.is_file() else None
+    """A table the run holds, or None if it has none yet; one whose checksum no longer matches is refused."""
+    if not path.is_file():
+        return None
+    expected = recorded_checksum(path)
+    if expected is None and path.name == "eval.parquet" and (path.parent / "eval.json").is_file():
+        expected = json.loads((path.parent / "eval.json").read_text()).get("eval_parquet_sha256")
+    problem = file_problem(path, expected)
+    if problem:
+        stage = "mlsae analyze" if path.parent.name == "analysis" else "mlsae eval"
+        raise MlsaeError(f"{problem}: run `{stage}` again")
+    return pq.read_table(path)
 
 
 def build_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:

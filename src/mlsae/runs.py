@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from . import checkpoint
 from .activations import ActivationBatch, ActivationCache, live_batches
 from .config import DataConfig, from_dict
 from .errors import MlsaeError
@@ -48,9 +49,8 @@ def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfin
     meta = read_coder_config(folder)
     source = folder
     if not is_finished(meta):
-        checkpoint = folder / "checkpoint"
-        has_checkpoint = (checkpoint / "sae.safetensors").is_file()
-        trained = read_coder_config(checkpoint).get("progress", {}).get("tokens", 0) if has_checkpoint else 0
+        has_checkpoint = any((folder / name).is_dir() for name in checkpoint.NAMES)
+        trained = checkpoint.read_progress(checkpoint.latest(folder, "--allow-unfinished"))["tokens"] if has_checkpoint else 0
         total = meta.get("train", {}).get("tokens")
         done = f"{trained:,} of {total:,} tokens" if isinstance(total, int) else f"{trained:,} tokens"
         if not allow_unfinished:
@@ -60,8 +60,8 @@ def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfin
             )
         if not has_checkpoint:
             raise MlsaeError(f"{folder} is an unfinished run with no checkpoint yet: nothing was trained")
+        source = checkpoint.latest(folder, "--allow-unfinished")
         print(f"warning: {folder} is unfinished; using its checkpoint at {trained:,} tokens", file=sys.stderr)
-        source = checkpoint
     if not (source / "sae.safetensors").is_file():
         raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
     coder, meta = load_coder(source, device=device)
@@ -96,7 +96,7 @@ def open_cache_for(run: RunSpec, data: str) -> Optional[ActivationCache]:
     """The activation cache ``data`` names (None for text), refused if captured for another model."""
     if not (Path(data) / "manifest.json").is_file():
         return None
-    cache = ActivationCache(data)
+    cache = ActivationCache(data, verify=True)
     if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
         raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
     cache.check_matches(layers=run.coder.layers)

@@ -31,7 +31,9 @@ from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, rea
 from .text import data_windows
 
 
-RESUMABLE_CHANGES = frozenset({"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model"})
+RESUMABLE_CHANGES = frozenset(
+    {"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model", "verify_cache"}
+)
 """Settings a resumed run may change: they do not alter what it computes (the cache and model
 are checked by content: the same model fingerprint and layers)."""
 
@@ -53,7 +55,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self._check_settings()
-        self.cache = ActivationCache(cfg.cache) if cfg.cache else None
+        self.cache = ActivationCache(cfg.cache, verify=cfg.verify_cache) if cfg.cache else None
         if self.cache is not None:
             self.cfg = cfg = settings_from_cache(cfg, self.cache.manifest)
             if cfg.layers is not None:
