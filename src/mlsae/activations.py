@@ -150,23 +150,22 @@ def write_cache(
             kept_windows.append(w)
             yield w
 
-    bar = tqdm(total=tokens, unit="tok", desc="caching", smoothing=0.1)
-    batches = live_batches(model, windows_seen(), layers, windows_per_batch, exclude_first_position)
-    for batch in batches:
-        batch = batch.slice(0, tokens - written)
-        check_finite(batch.acts, f"cache step at window {int(batch.window[0])}", layers)
-        pending.append(batch)
-        pending_rows += len(batch)
-        written += len(batch)
-        bar.update(len(batch))
-        while pending_rows >= shard_tokens:
-            merged = _merge(pending)
-            flush([merged.slice(0, shard_tokens)])
-            pending = [merged.slice(shard_tokens, len(merged))]
-            pending_rows = len(pending[0])
-        if written >= tokens:
-            break
-    bar.close()
+    with tqdm(total=tokens, unit="tok", desc="caching", smoothing=0.1) as bar:  # closed before an error is printed
+        batches = live_batches(model, windows_seen(), layers, windows_per_batch, exclude_first_position)
+        for batch in batches:
+            batch = batch.slice(0, tokens - written)
+            check_finite(batch.acts, f"cache step at window {int(batch.window[0])}", layers)
+            pending.append(batch)
+            pending_rows += len(batch)
+            written += len(batch)
+            bar.update(len(batch))
+            while pending_rows >= shard_tokens:
+                merged = _merge(pending)
+                flush([merged.slice(0, shard_tokens)])
+                pending = [merged.slice(shard_tokens, len(merged))]
+                pending_rows = len(pending[0])
+            if written >= tokens:
+                break
     if pending_rows:
         flush(pending)
     if written < tokens:

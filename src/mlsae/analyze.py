@@ -85,25 +85,24 @@ def analyze(
     examples = TopExamples(coder.n_latents, layers, n=top_n, per_layer=True)
     drift: Optional[Drift] = None
     seen = 0
-    bar = tqdm(total=tokens, unit="tok", desc="analyse", disable=not progress)
-    for batch in source.batches:
-        batch = batch.slice(0, tokens - seen)
-        x = batch.acts.to(dev, torch.float32)
-        check_finite(x, "analysis data", layers)
-        if drift is None:  # centre by the layer means of the first batch (a few thousand tokens)
-            means = LayerMeans(layers, coder.d_model)
-            means.update(x.cpu())
-            drift = Drift(layers, layer_means=means.result())
-        with torch.no_grad():
-            o = coder(x)
-        drift.update(x.cpu())
-        dist.update(o.top_acts.cpu(), o.top_idx.cpu())
-        examples.update(o.top_acts.cpu(), o.top_idx.cpu(), batch.token_ids, batch.window, batch.position)
-        seen += len(batch)
-        bar.update(len(batch))
-        if seen >= tokens:
-            break
-    bar.close()
+    with tqdm(total=tokens, unit="tok", desc="analyse", disable=not progress) as bar:  # closed before an error is printed
+        for batch in source.batches:
+            batch = batch.slice(0, tokens - seen)
+            x = batch.acts.to(dev, torch.float32)
+            check_finite(x, "analysis data", layers)
+            if drift is None:  # centre by the layer means of the first batch (a few thousand tokens)
+                means = LayerMeans(layers, coder.d_model)
+                means.update(x.cpu())
+                drift = Drift(layers, layer_means=means.result())
+            with torch.no_grad():
+                o = coder(x)
+            drift.update(x.cpu())
+            dist.update(o.top_acts.cpu(), o.top_idx.cpu())
+            examples.update(o.top_acts.cpu(), o.top_idx.cpu(), batch.token_ids, batch.window, batch.position)
+            seen += len(batch)
+            bar.update(len(batch))
+            if seen >= tokens:
+                break
     if drift is None:
         raise MlsaeError(f"analysis data {data} gave no tokens")
 

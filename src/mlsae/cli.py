@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,8 +15,9 @@ from .errors import MlsaeError
 def run_cache(cfg: cfgmod.CacheConfig) -> None:
     from .activations import mb_per_1k_tokens, write_cache
     from .model import load_model
-    from .text import data_windows
+    from .text import check_source, data_windows
 
+    check_source(cfg.data)
     model = load_model(cfg.model, cfg.model_dtype, cfg.device)
     manifest = write_cache(
         model,
@@ -53,19 +55,23 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
 
 
 def run_eval(cfg: cfgmod.EvalConfig) -> None:
-    from .evaluate import compare, default_downstream_tokens, evaluate, format_table
+    from .evaluate import check_layers, compare, default_downstream_tokens, evaluate, format_table
+    from .runs import open_run, require_data
 
     runs = [cfg.run] + list(cfg.compare or [])
     names = [Path(r).name for r in runs]
     if len(set(names)) != len(names):
         names = [str(r) for r in runs]
+    specs = [open_run(run, "cpu", cfg.allow_unfinished) for run in runs]
+    for spec in specs:  # every run and the data are checked before the model is loaded
+        require_data(spec, cfg.data)
+        check_layers(spec, cfg.layers)
     model = None
     downstream_tokens = default_downstream_tokens(cfg.tokens, cfg.downstream_tokens)
-    if cfg.data and (downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file()):
+    if downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file():
         from .model import load_model
-        from .sae import read_coder_config
 
-        model = load_model(read_coder_config(cfg.run)["model"], device=cfg.device)
+        model = load_model(specs[0].meta["model"], device=cfg.device)
     tables = {}
     for name, run in zip(names, runs):
         out = Path(cfg.out) / Path(run).name if cfg.out and len(runs) > 1 else cfg.out
@@ -162,14 +168,21 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments give one line, naming the command and the argument, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mlsae", description="Multi-layer sparse autoencoders on the residual stream of language models."
     )
     parser.add_argument("--version", action="version", version=f"mlsae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, (cls, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         cfgmod.add_arguments(p, cls)
@@ -181,10 +194,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     cls, runner, _ = COMMANDS[args.command]
     try:
-        runner(cfgmod.from_namespace(cls, args))
+        cfg = cfgmod.from_namespace(cls, args)
+        cfgmod.validate(cfg)
+        runner(cfg)
     except MlsaeError as e:
         print(f"mlsae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not bad input: still one line; MLSAE_DEBUG=1 shows the traceback
+        if os.environ.get("MLSAE_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mlsae {args.command}: internal error: {type(e).__name__}: {first} (set MLSAE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -192,6 +192,64 @@ class DemoConfig:
     """Torch device: cpu, cuda, cuda:N, or auto."""
 
 
+# --------------------------------------------------------------------------------------------
+# One check of every command's settings before any work: a bad value is one clear line.
+
+MINIMUM = {
+    "tokens": 1, "tokens_per_step": 1, "micro_batch_tokens": 1, "init_tokens": 1, "checkpoint_tokens": 1,
+    "shuffle_buffer_mb": 1, "dead_tokens": 1, "expansion_factor": 1, "k": 1, "k_aux": 1, "ctx": 2,
+    "windows_per_batch": 1, "shard_tokens": 1, "batch_tokens": 1, "top_n": 1, "eval_tokens": 1,
+    "downstream_tokens": 0, "layers": 0,
+}
+"""The smallest value each integer setting (or each item of a list of them) may take."""
+POSITIVE_FLOATS = ("lr", "adam_eps")
+NON_NEGATIVE_FLOATS = ("aux_coef",)
+CHOICES = {
+    "arch": ("mlsae", "per-layer"),
+    "loss_space": ("standardized", "raw"),
+    "b_pre_init": ("geometric_median", "mean", "zero"),
+    "auxk_norm": ("input", "error"),
+    "decoder_impl": ("auto", "sparse", "dense"),
+    "model_dtype": ("float32", "bfloat16", "float16"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "prepend_bos": ("auto", "always", "never"),
+}
+"""The values each string setting may take (the arrangement registry and kernels check the same)."""
+
+
+def _flag(name: str) -> str:
+    return name if name in POSITIONAL else "--" + name.replace("_", "-")
+
+
+def validate(cfg) -> None:
+    """Refuse a setting outside its range before any work starts, naming the flag and what it takes."""
+    import math
+
+    from .errors import MlsaeError
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if f.name in MINIMUM:
+            items = value if isinstance(value, list) else [value]
+            low = MINIMUM[f.name]
+            bad = [v for v in items if not isinstance(v, int) or isinstance(v, bool) or v < low]
+            if bad:
+                raise MlsaeError(f"{_flag(f.name)} {bad[0]!r}: expected a whole number >= {low}")
+        if f.name in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or (value == 0 and f.name in NON_NEGATIVE_FLOATS))
+            if not ok:
+                kind = "positive" if f.name in POSITIVE_FLOATS else "non-negative"
+                raise MlsaeError(f"{_flag(f.name)} {value!r}: expected a finite {kind} number")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise MlsaeError(f"{_flag(f.name)} {value!r}: expected one of {', '.join(CHOICES[f.name])}")
+        if f.name == "device" and not (value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())):
+            raise MlsaeError(f"--device {value!r}: expected cpu, cuda, cuda:N, mps or auto")
+        if f.name == "run" and not value:
+            raise MlsaeError("RUN: expected the folder of a trained run")
+
+
 POSITIONAL = {"run"}
 """Fields given as positional arguments on the command line."""
 
@@ -290,6 +348,7 @@ __all__ = [
     "ReportConfig",
     "DemoConfig",
     "add_arguments",
+    "validate",
     "from_namespace",
     "from_dict",
     "to_dict",

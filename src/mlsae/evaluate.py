@@ -31,7 +31,7 @@ from .text import keep_mask
 from .transforms import standardize
 
 
-def _check_layers(run: RunSpec, layers: Optional[Sequence[int]]) -> list[int]:
+def check_layers(run: RunSpec, layers: Optional[Sequence[int]]) -> list[int]:
     if layers is None:
         return list(run.coder.layers)
     extra = sorted(set(layers) - set(run.coder.layers))
@@ -164,40 +164,39 @@ def downstream(
     sums = {m + s: torch.zeros(len(layers), dtype=torch.float64) for s in suffixes for m in ("ce", "kl")}
     clean = {"": [0.0, 0], "_paper": [0.0, 0]}  # summed CE and positions, per way of scoring
     batches = [torch.stack(list(windows[i : i + windows_per_batch])) for i in range(0, len(windows), windows_per_batch)]
-    bar = tqdm(total=len(batches) * len(layers), desc="downstream (layers x batches)", disable=not progress)
-    for ids in batches:
-        ids = ids.to(device)
-        masks = {"": keep_mask(ids, special, exclude_first_position), "_paper": torch.ones_like(ids, dtype=torch.bool)}
-        resid = model.capture(ids, coder.layers)  # [batch, pos, layers, d]
-        keep = masks[""]
-        with torch.no_grad():
-            recon = torch.zeros_like(resid)
-            recon[keep] = coder(resid[keep].float()).x_hat.to(resid.dtype)
-            recon_all = coder(resid.flatten(0, 1).float()).x_hat.to(resid.dtype).view_as(resid) if paper_definitions else None
-        clean_logp = _next_token_logp(model.logits(ids))
-        targets = ids[:, 1:]
-        for how, mask in masks.items():
-            c, _, n = _ce_kl(clean_logp, clean_logp, targets, mask)
-            clean[how][0] += c
-            clean[how][1] += n
-        for j, (layer, ci) in enumerate(zip(layers, col)):
-            for suffix in suffixes:
-                if suffix == "_paper":
-                    replacement, mask = recon_all[:, :, ci], masks["_paper"]
-                elif suffix == "_zero":
-                    replacement, mask = torch.zeros_like(resid[:, :, ci]), keep
-                elif suffix == "_mean":
-                    replacement, mask = layer_means[ci].to(resid.dtype).expand_as(resid[:, :, ci]), keep
-                else:
-                    replacement, mask = recon[:, :, ci], keep
-                spliced = torch.where(mask[..., None], replacement, resid[:, :, ci])
-                logp = _next_token_logp(model.logits_from(layer, spliced, ids))
-                ce, kl, _ = _ce_kl(logp, clean_logp, targets, mask)
-                del logp
-                sums["ce" + suffix][j] += ce
-                sums["kl" + suffix][j] += kl
-            bar.update(1)
-    bar.close()
+    with tqdm(total=len(batches) * len(layers), desc="downstream (layers x batches)", disable=not progress) as bar:  # closed before an error is printed
+        for ids in batches:
+            ids = ids.to(device)
+            masks = {"": keep_mask(ids, special, exclude_first_position), "_paper": torch.ones_like(ids, dtype=torch.bool)}
+            resid = model.capture(ids, coder.layers)  # [batch, pos, layers, d]
+            keep = masks[""]
+            with torch.no_grad():
+                recon = torch.zeros_like(resid)
+                recon[keep] = coder(resid[keep].float()).x_hat.to(resid.dtype)
+                recon_all = coder(resid.flatten(0, 1).float()).x_hat.to(resid.dtype).view_as(resid) if paper_definitions else None
+            clean_logp = _next_token_logp(model.logits(ids))
+            targets = ids[:, 1:]
+            for how, mask in masks.items():
+                c, _, n = _ce_kl(clean_logp, clean_logp, targets, mask)
+                clean[how][0] += c
+                clean[how][1] += n
+            for j, (layer, ci) in enumerate(zip(layers, col)):
+                for suffix in suffixes:
+                    if suffix == "_paper":
+                        replacement, mask = recon_all[:, :, ci], masks["_paper"]
+                    elif suffix == "_zero":
+                        replacement, mask = torch.zeros_like(resid[:, :, ci]), keep
+                    elif suffix == "_mean":
+                        replacement, mask = layer_means[ci].to(resid.dtype).expand_as(resid[:, :, ci]), keep
+                    else:
+                        replacement, mask = recon[:, :, ci], keep
+                    spliced = torch.where(mask[..., None], replacement, resid[:, :, ci])
+                    logp = _next_token_logp(model.logits_from(layer, spliced, ids))
+                    ce, kl, _ = _ce_kl(logp, clean_logp, targets, mask)
+                    del logp
+                    sums["ce" + suffix][j] += ce
+                    sums["kl" + suffix][j] += kl
+                bar.update(1)
     count = clean[""][1]
     if count == 0:
         raise MlsaeError("downstream evaluation saw no positions that count; use more tokens or a longer context")
@@ -250,7 +249,7 @@ def evaluate(
     dev = resolve_device(device)
     run = open_run(run_dir, dev, allow_unfinished)
     require_data(run, data)
-    layers = _check_layers(run, layers)
+    layers = check_layers(run, layers)
     cache = open_cache_for(run, data)
     if model is None and (downstream_tokens > 0 or cache is None):
         model = load_model(cache.manifest["model"] if cache else run.meta["model"], device=str(dev))
@@ -260,18 +259,17 @@ def evaluate(
     stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_space == "per_layer")
     source = held_out(run, model, cache, data, split, ctx, batch_tokens)
     windows = source.windows
-    bar = tqdm(total=tokens, unit="tok", desc="reconstruction", disable=not progress)
-    for batch in source.batches:
-        batch = batch.slice(0, tokens - stats.count)
-        x = batch.acts.to(dev, torch.float32)
-        check_finite(x, "evaluation data", run.coder.layers)
-        with torch.no_grad():
-            o = run.coder(x)
-        stats.update(x.cpu(), o.x_hat.cpu(), o.top_acts.cpu(), o.top_idx.cpu())
-        bar.update(len(batch))
-        if stats.count >= tokens:
-            break
-    bar.close()
+    with tqdm(total=tokens, unit="tok", desc="reconstruction", disable=not progress) as bar:  # closed before an error is printed
+        for batch in source.batches:
+            batch = batch.slice(0, tokens - stats.count)
+            x = batch.acts.to(dev, torch.float32)
+            check_finite(x, "evaluation data", run.coder.layers)
+            with torch.no_grad():
+                o = run.coder(x)
+            stats.update(x.cpu(), o.x_hat.cpu(), o.top_acts.cpu(), o.top_idx.cpu())
+            bar.update(len(batch))
+            if stats.count >= tokens:
+                break
     if stats.count == 0:
         raise MlsaeError(f"evaluation data {data} gave no tokens")
     recon = stats.table()

@@ -23,7 +23,7 @@ from .config import DataConfig, from_dict
 from .errors import MlsaeError
 from .model import ResidualModel
 from .sae import SparseCoder, load_coder, read_coder_config
-from .text import data_windows
+from .text import check_source, data_windows
 
 
 @dataclass
@@ -70,10 +70,13 @@ def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfin
 
 
 def require_data(run: RunSpec, data: Optional[str]) -> None:
+    """Held-out data was named, and (for text) exists: checked before any model is loaded."""
     if not data:
         raise MlsaeError(
             f"no --data given: {run.folder} needs held-out text (it was trained on {run.meta.get('train', {}).get('data')})"
         )
+    if not (Path(data) / "manifest.json").is_file():
+        check_source(data)
 
 
 def check_model(run: RunSpec, model: ResidualModel) -> None:

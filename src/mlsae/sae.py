@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import __version__
-from .config import SAEConfig, from_dict, save_json, to_dict
+from .config import CHOICES, SAEConfig, from_dict, save_json, to_dict
 from .errors import MlsaeError
 from .kernels import resolve_impl, sparse_decode, topk_encode
 from .transforms import build_transforms
@@ -55,8 +55,8 @@ def default_k_aux(d: int) -> int:
     return 2 ** max(0, round(math.log2(max(d / 2, 1))))
 
 
-B_PRE_INITS = ("geometric_median", "mean", "zero")
-AUXK_NORMS = ("input", "error")
+B_PRE_INITS = CHOICES["b_pre_init"]
+AUXK_NORMS = CHOICES["auxk_norm"]
 
 
 @torch.no_grad()

@@ -87,11 +87,10 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
     if source in ("builtin", "builtin:pydocs"):
         yield from _pydoc_documents(split)
         return
+    check_source(source)
     path = Path(source).expanduser()
     if path.exists():
         files = _files_in(path)
-        if not files:
-            raise MlsaeError(f"data folder {source} holds no .txt, .jsonl or .parquet files")
         count = 0
         for file in files:
             for doc in _file_documents(file, text_field):
@@ -101,9 +100,21 @@ def iter_documents(source: str, split: str = "train", text_field: str = "text") 
         if count == 0:
             raise MlsaeError(f"data {source} holds no text (every document is empty)")
         return
+    yield from _hub_documents(source, split, text_field)
+
+
+def check_source(source: str) -> None:
+    """The checks that need no reading: a local path exists and a folder holds text files.
+    Run before a model is loaded, so a typo fails in a second, not after the load."""
+    if source in ("builtin", "builtin:pydocs"):
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        if not _files_in(path):
+            raise MlsaeError(f"data folder {source} holds no .txt, .jsonl or .parquet files")
+        return
     if source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES:
         raise MlsaeError(f"data {source} does not exist (expected a file, a folder, a hub dataset id or builtin:pydocs)")
-    yield from _hub_documents(source, split, text_field)
 
 
 def _hub_documents(source: str, split: str, text_field: str) -> Iterator[str]:

@@ -28,7 +28,7 @@ from .config import SAEConfig, TrainConfig, save_json, subset, to_dict
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device
 from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
-from .text import data_windows
+from .text import check_source, data_windows
 
 
 RESUMABLE_CHANGES = frozenset(
@@ -66,6 +66,7 @@ class Trainer:
             self.fingerprint = self.cache.manifest["model_fingerprint"]
             self.model = None
         else:
+            check_source(cfg.data)
             self.model = model or load_model(cfg.model, cfg.model_dtype, cfg.device)
             self.layers = self.model.check_layers(cfg.layers)
             self.d_model = self.model.d_model
