@@ -11,6 +11,7 @@ from mlsae.activations import write_cache
 from mlsae.config import TrainConfig
 from mlsae.errors import MlsaeError
 from mlsae.evaluate import ReconstructionStats, _ce_kl, compare, downstream, evaluate
+from mlsae.model import _hidden
 from mlsae.text import pack_windows
 from mlsae.train import train
 
@@ -197,12 +198,12 @@ def test_splicing_matches_a_forward_that_replaces_only_that_layer(tiny):
     replaced = clean[:, :, layer] * 0.5
     seen = {}
 
-    def replace(module, args, output):
-        return replaced
+    def replace(module, args, output):  # blocks return a tensor or (tensor, ...) by transformers version
+        return (replaced,) + tuple(output[1:]) if isinstance(output, tuple) else replaced
 
     def record(i):
         def fn(module, args, output):
-            seen[i] = output.clone()
+            seen[i] = _hidden(output).clone()
         return fn
 
     handles = [tiny.blocks[i].register_forward_hook(record(i)) for i in range(3)]

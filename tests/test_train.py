@@ -339,3 +339,15 @@ def test_training_from_a_cache_records_the_cache_packing_and_refuses_a_contradic
     with pytest.raises(MlsaeError, match="--ctx 64 contradicts the cache .* captured with 32: drop --ctx or recapture"):
         train(cfg(tmp_path / "other", cache_dir, tokens=64, ctx=64))
     assert not (tmp_path / "other" / "config.json").exists()  # refused before anything was written
+
+
+def test_a_micro_batch_too_big_for_memory_is_refused_before_any_work(tmp_path, cache_dir, monkeypatch):
+    import mlsae.train
+
+    sizes = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}  # a 1 MiB machine
+    monkeypatch.setattr(mlsae.train.os, "sysconf", lambda name: sizes[name])
+    # 32 tokens x 3 layers x 64 latents x 4 bytes x 2 = 48 KiB fits; 4096 tokens would need 6 MiB
+    with pytest.raises(MlsaeError, match=r"--micro-batch-tokens 4096 needs about .* lower --micro-batch-tokens \(to 512 or less\)"):
+        train(cfg(tmp_path / "big", cache_dir, tokens_per_step=4096, micro_batch_tokens=4096))
+    assert not (tmp_path / "big").exists()
+    train(cfg(tmp_path / "small", cache_dir, tokens=64))

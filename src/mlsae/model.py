@@ -83,6 +83,7 @@ class ResidualModel:
         self.final_norm: nn.Module = _get(self.model, norm_path)
         self.model.eval()
         self.model.requires_grad_(False)
+        self._block_output_tuple = self._blocks_return_tuples()
 
     @property
     def n_layers(self) -> int:
@@ -171,13 +172,26 @@ class ResidualModel:
         with self._skip_blocks_until(layer, residual):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
+    def _blocks_return_tuples(self) -> bool:
+        """Whether this transformers version's blocks return (hidden, ...) or the tensor alone:
+        a skipped block must answer in the same form. Found once, at load, from one token."""
+        seen = []
+        handle = self.blocks[0].register_forward_hook(lambda m, a, out: seen.append(isinstance(out, tuple)))
+        try:
+            self.capture(torch.ones(1, 1, dtype=torch.long), [0])
+        finally:
+            handle.remove()
+        return seen[0]
+
     @contextlib.contextmanager
     def _skip_blocks_until(self, layer: int, residual: Tensor) -> Iterator[None]:
+        wrap = (lambda h: (h,)) if self._block_output_tuple else (lambda h: h)
+
         def passthrough(hidden_states, *args, **kwargs):
-            return hidden_states
+            return wrap(hidden_states)
 
         def inject(hidden_states, *args, **kwargs):
-            return residual.to(hidden_states.dtype)
+            return wrap(residual.to(hidden_states.dtype))
 
         # Instance attributes shadow the class's forward; block attributes the model's loop reads
         # (such as a Gemma block's attention type) are left untouched.
@@ -221,11 +235,20 @@ def resolve_model_spec(spec: str) -> tuple[str, Optional[str]]:
     return spec, None
 
 
+def _dtype_argument() -> str:
+    """from_pretrained's precision argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "auto") -> ResidualModel:
     """Load a causal LM and its tokenizer from a hub id, a local folder or a .gguf file."""
     import transformers
 
     path, gguf_file = resolve_model_spec(spec)
+    dtype_arg = _dtype_argument()
     kwargs = {}
     if gguf_file is not None:
         try:
@@ -235,7 +258,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto") -> Resid
         kwargs["gguf_file"] = gguf_file
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype, "model dtype"), **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **{dtype_arg: parse_dtype(dtype, "model dtype")}, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MlsaeError(f"could not load model {spec}: {first}") from None

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
+import os
 import shutil
 import signal
 import threading
@@ -76,6 +78,7 @@ class Trainer:
             raise MlsaeError(f"arch {cfg.arch!r}: expected one of {', '.join(ARRANGEMENTS)}")
         self.coder: SparseCoder = ARRANGEMENTS[cfg.arch](subset(cfg, SAEConfig), self.d_model, self.layers, cfg.seed)
         self.coder.to(self.device)
+        self._check_memory()
         self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.state = TrainState(tokens_since_fired=torch.zeros(self.coder.latent_shape(), dtype=torch.long, device=self.device))
         self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
@@ -96,6 +99,26 @@ class Trainer:
                 f"tokens_per_step {c.tokens_per_step} is not a multiple of micro_batch_tokens {c.micro_batch_tokens}"
             )
         self.micro = micro
+
+    def _check_memory(self) -> None:
+        """Refuse a micro-batch whose encoder pre-activations alone cannot fit, before any work.
+
+        The TopK encoder holds ``[vectors, n_latents]`` fp32 pre-activations (and about as much
+        again in the step's temporaries); an MLSAE codes every layer of a token at once.
+        """
+        per_token = len(self.layers) if self.coder.latent_space == "shared" else 1
+        need = 2 * 4 * self.micro * per_token * self.coder.n_latents
+        if self.device.type == "cuda":
+            have = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > 0.8 * have:
+            fits = 2 ** int(math.log2(max(1, 0.8 * have / (2 * 4 * per_token * self.coder.n_latents))))
+            raise MlsaeError(
+                f"--micro-batch-tokens {self.micro} needs about {need / 2**30:.0f} GiB for the encoder's pre-activations "
+                f"({self.micro} tokens x {per_token} layers x {self.coder.n_latents:,} latents), more than this "
+                f"{self.device.type} memory ({have / 2**30:.0f} GiB) allows: lower --micro-batch-tokens (to {fits} or less)"
+            )
 
     def _run_meta(self) -> dict:
         meta = {
@@ -249,9 +272,9 @@ class Trainer:
         x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
         check_finite(x, "the first batches", self.layers)
         self.coder.initialise(x)
-        with torch.no_grad():
-            out = self.coder(x)
-        fvu = out.fvu.cpu()
+        with torch.no_grad():  # micro-batch by micro-batch, so memory stays that of a step
+            chunks = [(self.coder(x[i : i + self.micro]).fvu.cpu(), len(x[i : i + self.micro])) for i in range(0, len(x), self.micro)]
+        fvu = sum(f * n for f, n in chunks) / len(x)
         self.init_info = {
             "tokens": int(x.shape[0]),
             "b_pre": cfg.b_pre_init,
@@ -259,7 +282,7 @@ class Trainer:
             "fvu": float(fvu.mean()),
             "fvu_per_layer": [round(float(v), 5) for v in fvu],
         }
-        del x, out
+        del x
         line = {"step": 0, "tokens": 0, "step_tokens": 0, "loss": float(fvu.mean()), "fvu": float(fvu.mean()), "auxk": 0.0,
                 "fvu_per_layer": self.init_info["fvu_per_layer"], "dead_fraction": 0.0, "tokens_per_s": 0.0}
         metrics_file.write(json.dumps(line) + "\n")
