@@ -263,3 +263,27 @@ def test_bad_input(tmp_path, tiny):
     (run / "sae.safetensors").unlink()
     with pytest.raises(MlsaeError, match="is incomplete: no sae.safetensors"):
         evaluate(run, "x", model=tiny)
+
+
+def test_downstream_reads_only_the_tokens_asked(tmp_path, tiny):
+    """A small budget scores exactly that many positions, on a prefix of a window (causal: the
+    same numbers as the full window at those positions)."""
+    run = _run(tmp_path, tiny, "mlsae", "m")
+    data = str(tmp_path / "t.jsonl")
+    seen = []
+    real = tiny.logits_from
+
+    def spy(layer, residual, ids):
+        seen.append(tuple(ids.shape))
+        return real(layer, residual, ids)
+
+    tiny.logits_from = spy
+    try:
+        t = evaluate(run, data, tokens=30, downstream_tokens=30, model=tiny, device="cpu", progress=False, ablations=False,
+                     out=tmp_path / "small")
+    finally:
+        del tiny.logits_from
+    assert json.loads((tmp_path / "small" / "eval.json").read_text())["downstream_tokens"] == 30
+    assert sum(b * p for b, p in seen[:1]) <= 2 * 24 and all(p <= 24 for _, p in seen)  # ctx 24: at most 2 windows
+    assert {p for _, p in seen} != {24}  # the last window was cut short
+    assert np.isfinite(t.column("delta_ce").to_pylist()[-1])

@@ -163,7 +163,12 @@ def downstream(
     suffixes = [""] + [f"_{kind}" for kind in kinds] + (["_paper"] if paper_definitions else [])
     sums = {m + s: torch.zeros(len(layers), dtype=torch.float64) for s in suffixes for m in ("ce", "kl")}
     clean = {"": [0.0, 0], "_paper": [0.0, 0]}  # summed CE and positions, per way of scoring
-    batches = [torch.stack(list(windows[i : i + windows_per_batch])) for i in range(0, len(windows), windows_per_batch)]
+    groups: list[list[Tensor]] = []  # consecutive windows of one length, windows_per_batch at most
+    for w in windows:
+        if not groups or len(groups[-1]) == windows_per_batch or len(groups[-1][0]) != len(w):
+            groups.append([])
+        groups[-1].append(w)
+    batches = [torch.stack(g) for g in groups]
     with tqdm(total=len(batches) * len(layers), desc="downstream (layers x batches)", disable=not progress) as bar:  # closed before an error is printed
         for ids in batches:
             ids = ids.to(device)
@@ -289,8 +294,13 @@ def evaluate(
         for w in windows:
             if counted >= downstream_tokens:
                 break
+            keep = keep_mask(w[None], special, excl)[0]
+            scored = int(keep[:-1].sum())  # the last position has no next token to predict
+            if counted + scored > downstream_tokens:  # causal: a window's prefix scores exactly as in full
+                last = int(keep.nonzero()[downstream_tokens - counted - 1])
+                w, scored = w[: last + 2], downstream_tokens - counted  # + the token the last prediction targets
             chosen.append(w)
-            counted += int(keep_mask(w[None], special, excl).sum())
+            counted += scored
         ctx_len = int(chosen[0].shape[0])
         ds = downstream(model, run.coder, chosen, layers, stats.layer_means().float().to(dev), excl,
                         max(1, batch_tokens // ctx_len // 2), progress, ablations, paper_definitions)
