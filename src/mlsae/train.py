@@ -272,8 +272,10 @@ class Trainer:
         x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
         check_finite(x, "the first batches", self.layers)
         self.coder.initialise(x)
+        starts = range(0, len(x), self.micro)
         with torch.no_grad():  # micro-batch by micro-batch, so memory stays that of a step
-            chunks = [(self.coder(x[i : i + self.micro]).fvu.cpu(), len(x[i : i + self.micro])) for i in range(0, len(x), self.micro)]
+            chunks = [(self.coder(x[i : i + self.micro]).fvu.cpu(), len(x[i : i + self.micro]))
+                      for i in tqdm(starts, desc="initial FVU", unit="batch", leave=False, disable=len(starts) < 2)]
         fvu = sum(f * n for f, n in chunks) / len(x)
         self.init_info = {
             "tokens": int(x.shape[0]),
