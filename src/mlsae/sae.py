@@ -10,8 +10,8 @@ Equations are those of Lawson et al. (ICLR 2025), section 3:
 
 Before the first step, :meth:`SparseCoder.initialise` fits the run's frozen input transforms
 (:mod:`mlsae.transforms`: standardise, per-layer centring) and starts b_pre at the geometric
-median of the first batches in the space the coder sees (Gao et al. 2024, section 2.2, as in
-Lawson et al.'s code), rather than at zero.
+median of the first batches in the space the coder sees (as Gao et al. 2024 and Lawson et
+al.'s code do, the latter on the raw vectors), rather than at zero.
 
 An arrangement decides how (token, layer) vectors meet dictionaries: ``mlsae`` sends every
 layer's vector through ONE dictionary, ``per-layer`` gives each layer its own. Arrangements
