@@ -11,7 +11,6 @@ and per shard ``acts-NNNNN.bin`` (a raw memory-mappable ``[rows, layers, d]`` ar
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import time
@@ -25,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import save_json
-from .integrity import sha256
+from .integrity import sha256, write_failure
 from .errors import MlsaeError
 from .model import ResidualModel, parse_dtype, special_token_ids
 from .text import keep_mask
@@ -137,8 +136,7 @@ def write_cache(
             array.tofile(out / f"acts-{name}.bin")
             np.save(out / f"rows-{name}.npy", rows.numpy().astype(np.int32))
         except OSError as e:
-            why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise MlsaeError(f"could not write cache shard {name} in {out}: {why}") from None
+            raise MlsaeError(f"could not write cache shard {name} in {out}: {write_failure(e)}") from None
         shards.append({
             "acts": f"acts-{name}.bin", "rows": f"rows-{name}.npy", "n": int(acts.shape[0]),
             "acts_sha256": hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest(),
@@ -228,7 +226,7 @@ class ActivationCache:
         self._offsets = np.cumsum([0] + [s["n"] for s in self.manifest["shards"]])
 
     def _check_sizes(self) -> None:
-        row_bytes = len(self.layers) * self.manifest["d_model"] * torch.tensor([], dtype=self.dtype).element_size()
+        row_bytes = self.manifest["row_bytes"]
         for shard in self.manifest["shards"]:
             path = self.folder / shard["acts"]
             if not path.is_file():

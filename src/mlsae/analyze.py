@@ -68,7 +68,7 @@ def analyze(
     started = time.perf_counter()
     dev = resolve_device(device)
     run = open_run(run_dir, dev, allow_unfinished)
-    require_data(run, data)
+    require_data(run.folder, run.meta, data)
     out = Path(out) if out else run.folder / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     coder = run.coder

@@ -13,17 +13,16 @@ the new one is in place, so a crash at any point leaves at least one complete ch
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import save_json
-from .integrity import verify_folder, write_checksums
+from .integrity import verify_folder, write_checksums, write_failure
 from .errors import MlsaeError
 
 NAMES = ("checkpoint", "checkpoint.old")  # newest first
@@ -44,8 +43,7 @@ def save(out: Path, write_coder: Callable[[Path], None], optimizer: torch.optim.
         write_checksums(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise MlsaeError(f"could not write a checkpoint in {out}: {why}; the previous checkpoint is kept") from None
+        raise MlsaeError(f"could not write a checkpoint in {out}: {write_failure(e)}; the previous checkpoint is kept") from None
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

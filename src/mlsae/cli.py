@@ -56,22 +56,24 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
 
 def run_eval(cfg: cfgmod.EvalConfig) -> None:
     from .evaluate import check_layers, compare, default_downstream_tokens, evaluate, format_table
-    from .runs import open_run, require_data
+    from .runs import locate_run, require_data
 
     runs = [cfg.run] + list(cfg.compare or [])
     names = [Path(r).name for r in runs]
     if len(set(names)) != len(names):
         names = [str(r) for r in runs]
-    specs = [open_run(run, "cpu", cfg.allow_unfinished) for run in runs]
-    for spec in specs:  # every run and the data are checked before the model is loaded
-        require_data(spec, cfg.data)
-        check_layers(spec, cfg.layers)
+    metas = []
+    for run in runs:  # every run and the data are checked before the model is loaded; evaluate() opens them
+        _, meta, _ = locate_run(run, cfg.allow_unfinished)
+        require_data(Path(run), meta, cfg.data)
+        check_layers(Path(run), meta["layers"], cfg.layers)
+        metas.append(meta)
     model = None
     downstream_tokens = default_downstream_tokens(cfg.tokens, cfg.downstream_tokens)
     if downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file():
         from .model import load_model
 
-        model = load_model(specs[0].meta["model"], device=cfg.device)
+        model = load_model(metas[0]["model"], device=cfg.device)
     tables = {}
     for name, run in zip(names, runs):
         out = Path(cfg.out) / Path(run).name if cfg.out and len(runs) > 1 else cfg.out

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -223,8 +224,6 @@ def _flag(name: str) -> str:
 
 def validate(cfg) -> None:
     """Refuse a setting outside its range before any work starts, naming the flag and what it takes."""
-    import math
-
     from .errors import MlsaeError
 
     for f in dataclasses.fields(cfg):

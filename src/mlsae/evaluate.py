@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,18 +25,19 @@ from .config import save_json
 from .integrity import sha256
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
-from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
+from .runs import check_model, held_out, open_cache_for, open_run, require_data
 from .sae import SparseCoder
 from .text import keep_mask
 from .transforms import standardize
 
 
-def check_layers(run: RunSpec, layers: Optional[Sequence[int]]) -> list[int]:
+def check_layers(folder: Path, trained: Sequence[int], layers: Optional[Sequence[int]]) -> list[int]:
+    """The layers to evaluate: all ``trained`` ones, or those asked for, each of which was trained."""
     if layers is None:
-        return list(run.coder.layers)
-    extra = sorted(set(layers) - set(run.coder.layers))
+        return list(trained)
+    extra = sorted(set(layers) - set(trained))
     if extra:
-        raise MlsaeError(f"layer {extra[0]} was not trained in {run.folder} (its layers: {run.coder.layers})")
+        raise MlsaeError(f"layer {extra[0]} was not trained in {folder} (its layers: {list(trained)})")
     return sorted(set(layers))
 
 
@@ -253,8 +254,8 @@ def evaluate(
     downstream_tokens = default_downstream_tokens(tokens, downstream_tokens)
     dev = resolve_device(device)
     run = open_run(run_dir, dev, allow_unfinished)
-    require_data(run, data)
-    layers = check_layers(run, layers)
+    require_data(run.folder, run.meta, data)
+    layers = check_layers(run.folder, run.coder.layers, layers)
     cache = open_cache_for(run, data)
     if model is None and (downstream_tokens > 0 or cache is None):
         model = load_model(cache.manifest["model"] if cache else run.meta["model"], device=str(dev))

@@ -6,6 +6,7 @@ folder complete); cache manifests and ``eval.json`` carry the sha256 of their da
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +15,11 @@ from typing import Optional
 from .config import save_json
 
 LISTING = "checksums.json"
+
+
+def write_failure(e: OSError) -> str:
+    """Why a write failed, in a few words (a full disk named as such)."""
+    return "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
 def sha256(path: str | Path) -> str:

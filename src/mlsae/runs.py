@@ -40,40 +40,47 @@ def is_finished(meta: dict) -> bool:
     return bool(meta.get("finished", True))
 
 
-def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfinished: bool = False) -> RunSpec:
-    """The run's final coder; an unfinished run is refused, or (``allow_unfinished``) its latest
-    checkpoint is opened with a warning."""
+def locate_run(folder: str | Path, allow_unfinished: bool = False) -> tuple[Path, dict, Optional[int]]:
+    """Where a run's weights are, and its metadata, without loading them: the folder itself once
+    training finished; an unfinished run is refused, or (``allow_unfinished``) its newest
+    verified checkpoint is named, with the tokens it holds as the third item (None when finished)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MlsaeError(f"run folder {folder} does not exist")
     meta = read_coder_config(folder)
-    source = folder
-    if not is_finished(meta):
-        has_checkpoint = any((folder / name).is_dir() for name in checkpoint.NAMES)
-        trained = checkpoint.read_progress(checkpoint.latest(folder, "--allow-unfinished"))["tokens"] if has_checkpoint else 0
-        total = meta.get("train", {}).get("tokens")
-        done = f"{trained:,} of {total:,} tokens" if isinstance(total, int) else f"{trained:,} tokens"
-        if not allow_unfinished:
-            raise MlsaeError(
-                f"{folder} is an unfinished run ({done} trained): continue it with `mlsae train --resume` and the same "
-                f"settings, or pass --allow-unfinished to use its latest checkpoint"
-            )
-        if not has_checkpoint:
-            raise MlsaeError(f"{folder} is an unfinished run with no checkpoint yet: nothing was trained")
-        source = checkpoint.latest(folder, "--allow-unfinished")
-        print(f"warning: {folder} is unfinished; using its checkpoint at {trained:,} tokens", file=sys.stderr)
-    if not (source / "sae.safetensors").is_file():
-        raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
+    if is_finished(meta):
+        if not (folder / "sae.safetensors").is_file():
+            raise MlsaeError(f"run folder {folder} is incomplete: no sae.safetensors (was training interrupted? use --resume)")
+        return folder, meta, None
+    newest = checkpoint.latest(folder, "--allow-unfinished") if any((folder / n).is_dir() for n in checkpoint.NAMES) else None
+    trained = checkpoint.read_progress(newest)["tokens"] if newest is not None else 0
+    total = meta.get("train", {}).get("tokens")
+    done = f"{trained:,} of {total:,} tokens" if isinstance(total, int) else f"{trained:,} tokens"
+    if not allow_unfinished:
+        raise MlsaeError(
+            f"{folder} is an unfinished run ({done} trained): continue it with `mlsae train --resume` and the same "
+            f"settings, or pass --allow-unfinished to use its latest checkpoint"
+        )
+    if newest is None:
+        raise MlsaeError(f"{folder} is an unfinished run with no checkpoint yet: nothing was trained")
+    return newest, meta, trained
+
+
+def open_run(folder: str | Path, device: str | torch.device = "cpu", allow_unfinished: bool = False) -> RunSpec:
+    """The run's coder, from where :func:`locate_run` says, with a warning for an unfinished run."""
+    source, _, partial = locate_run(folder, allow_unfinished)
+    if partial is not None:
+        print(f"warning: {folder} is unfinished; using its checkpoint at {partial:,} tokens", file=sys.stderr)
     coder, meta = load_coder(source, device=device)
     coder.eval()
-    return RunSpec(folder, coder, meta)
+    return RunSpec(Path(folder), coder, meta)
 
 
-def require_data(run: RunSpec, data: Optional[str]) -> None:
+def require_data(folder: Path, meta: dict, data: Optional[str]) -> None:
     """Held-out data was named, and (for text) exists: checked before any model is loaded."""
     if not data:
         raise MlsaeError(
-            f"no --data given: {run.folder} needs held-out text (it was trained on {run.meta.get('train', {}).get('data')})"
+            f"no --data given: {folder} needs held-out text (it was trained on {meta.get('train', {}).get('data')})"
         )
     if not (Path(data) / "manifest.json").is_file():
         check_source(data)

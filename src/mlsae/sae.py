@@ -191,7 +191,7 @@ class SparseCoder(nn.Module):
         n_latents = cfg.expansion_factor * d_model
         if cfg.k > n_latents:
             raise MlsaeError(f"k {cfg.k} is larger than the number of latents ({n_latents} = {cfg.expansion_factor} x {d_model})")
-        if cfg.loss_space not in ("standardized", "raw"):
+        if cfg.loss_space not in CHOICES["loss_space"]:
             raise MlsaeError(f"loss_space {cfg.loss_space!r}: expected standardized or raw")
         if cfg.auxk_norm not in AUXK_NORMS:
             raise MlsaeError(f"auxk_norm {cfg.auxk_norm!r}: expected one of {', '.join(AUXK_NORMS)}")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
-from .config import SAEConfig, TrainConfig, save_json, subset, to_dict
+from .config import SAEConfig, TrainConfig, save_json, subset, to_dict, validate
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device
 from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
@@ -88,11 +88,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _check_settings(self) -> None:
         c = self.cfg
-        for name in ("tokens", "tokens_per_step", "micro_batch_tokens", "checkpoint_tokens", "init_tokens"):
-            if getattr(c, name) <= 0:
-                raise MlsaeError(f"{name} {getattr(c, name)}: expected a positive number")
-        if c.lr <= 0:
-            raise MlsaeError(f"lr {c.lr}: expected a positive learning rate")
+        validate(c)  # the same check the command line runs: a Python caller gets it too
         micro = min(c.micro_batch_tokens, c.tokens_per_step)
         if c.tokens_per_step % micro:
             raise MlsaeError(
