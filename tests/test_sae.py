@@ -277,7 +277,7 @@ def test_old_runs_without_the_new_settings_load_as_they_were_trained(tmp_path):
 def test_arrangements_declare_their_latent_space():
     from mlsae.sae import ARRANGEMENTS, LATENT_SPACES, latent_space_of, register
 
-    assert {name: cls.latent_space for name, cls in ARRANGEMENTS.items()} == {"mlsae": "shared", "per-layer": "per_layer"}
+    assert {name: cls.latent_space for name, cls in ARRANGEMENTS.items()} == {"mlsae": "shared", "per-layer": "per_layer", "concat": "joint"}
     assert all(cls.latent_space in LATENT_SPACES for cls in ARRANGEMENTS.values())
     assert latent_space_of({"sae": {"arch": "per-layer"}}) == "per_layer"
     with pytest.raises(MlsaeError, match="arrangement 'nope' is unknown"):

@@ -206,8 +206,9 @@ def test_refuses_an_existing_run_and_bad_settings(tmp_path, cache_dir):
         train(cfg(tmp_path / "new", cache_dir, resume=True))
     with pytest.raises(MlsaeError, match="is not a multiple of micro_batch_tokens"):
         train(cfg(tmp_path / "x", cache_dir, tokens_per_step=48, micro_batch_tokens=32))
-    with pytest.raises(MlsaeError, match="holds layers"):
-        train(cfg(tmp_path / "y", cache_dir, layers=[0, 1]))
+    with pytest.raises(MlsaeError, match=r"holds layers \[.*\], not layer 7: capture the layers the run needs"):
+        train(cfg(tmp_path / "y", cache_dir, layers=[0, 7]))
+    assert not (tmp_path / "y").exists()
 
 
 def test_nan_activations_stop_and_keep_the_last_checkpoint(tmp_path, cache_dir):

@@ -205,9 +205,10 @@ class ActivationCache:
 
     Every shard's size is checked on opening (a truncated file is named and refused);
     ``verify=True`` also checks each file's sha256 against the manifest (one full read).
+    ``layers`` reads a subset of the stored layers (a coder trained on 6 of 30 captured layers).
     """
 
-    def __init__(self, folder: str | Path, verify: bool = False):
+    def __init__(self, folder: str | Path, verify: bool = False, layers: Optional[Sequence[int]] = None):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         if not path.is_file():
@@ -215,7 +216,12 @@ class ActivationCache:
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != CACHE_FORMAT:
             raise MlsaeError(f"cache {folder} has format {self.manifest.get('format')}; this version reads {CACHE_FORMAT}")
-        self.layers: list[int] = self.manifest["layers"]
+        stored: list[int] = self.manifest["layers"]
+        self.layers = stored if layers is None else list(layers)
+        missing = [layer for layer in self.layers if layer not in stored]
+        if missing:
+            raise MlsaeError(f"cache {self.folder} holds layers {stored}, not layer {missing[0]}: capture the layers the run needs")
+        self._columns = None if self.layers == stored else np.array([stored.index(layer) for layer in self.layers])
         self.dtype = parse_dtype(self.manifest["dtype"], "cache dtype")
         self._check_sizes()
         if verify:
@@ -250,7 +256,7 @@ class ActivationCache:
                     )
 
     def _map(self, shard: dict) -> np.ndarray:
-        shape = (shard["n"], len(self.layers), self.manifest["d_model"])
+        shape = (shard["n"], len(self.manifest["layers"]), self.manifest["d_model"])
         return np.memmap(self.folder / shard["acts"], dtype=_STORAGE[self.dtype], mode="r", shape=shape)
 
     def __len__(self) -> int:
@@ -272,7 +278,10 @@ class ActivationCache:
         acts, rows = [], []
         for s in np.unique(shard):
             local = index[shard == s] - self._offsets[s]
-            acts.append(torch.from_numpy(np.ascontiguousarray(self._acts[s][local])))
+            rows_of_shard = self._acts[s][local]
+            if self._columns is not None:
+                rows_of_shard = rows_of_shard[:, self._columns]
+            acts.append(torch.from_numpy(np.ascontiguousarray(rows_of_shard)))
             rows.append(self._rows[s][local])
         a = torch.cat(acts)
         if self.dtype == torch.bfloat16:

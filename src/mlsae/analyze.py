@@ -6,6 +6,12 @@ accumulators of :mod:`mlsae.analysis`, and writes into ``RUN/analysis/``:
 ``examples.parquet`` (top activations per latent and layer, with context ids; query it with
 DuckDB), ``examples_preview.parquet`` (decoded text for the report), ``geometry_bins.parquet``,
 ``geometry_sample.parquet``, ``heatmaps.parquet`` (for ``--prompt`` texts) and ``summary.json``.
+
+What a latent's layer profile is comes from the arrangement (:meth:`SparseCoder.activity_by_layer`):
+where it fires for shared and per-layer latents, where it writes for joint (concat) ones. A concat
+run also gets ``joint_latents.parquet`` (trigger layer, activation rate), ``block_norms.parquet``,
+``decoder_cosines.parquet``, ``flow.parquet`` / ``flow_buckets.parquet`` (information flow) and,
+for ``--flow-text``, ``flow_text.parquet`` (:mod:`mlsae.analysis.joint`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,8 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import check_finite
-from .analysis import Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, decoder_geometry, prompt_heatmap
-from .config import save_json
+from .analysis import (
+    Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, block_norm_table, block_norms, decoder_cosines,
+    decoder_geometry, flow_by_bucket, flow_items, information_flow, joint_latents, most_active, prompt_heatmap,
+)
+from .config import JointAnalysisConfig, save_json
 from .integrity import write_checksums
 from .errors import MlsaeError
 from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
@@ -39,13 +49,15 @@ def _preview(examples: pa.Table, latents_table: pa.Table, windows: torch.Tensor,
     step = max(1, live.num_rows // n_latents)
     chosen = live.column("latent").to_pylist()[::step][:n_latents]
     rows = examples.filter(pc.is_in(examples.column("latent"), pa.array(chosen, pa.int64())))
-    # the best examples of each latent over all layers
+    # the best examples of each latent over all layers, each token once
     rows = rows.sort_by([("latent", "ascending"), ("activation", "descending")])
-    keep, seen = [], {}
-    for i, latent in enumerate(rows.column("latent").to_pylist()):
-        if seen.get(latent, 0) < n_examples:
+    keep, seen, tokens = [], {}, set()
+    cols = (rows.column(c).to_pylist() for c in ("latent", "window", "position"))
+    for i, (latent, window, position) in enumerate(zip(*cols)):
+        if seen.get(latent, 0) < n_examples and (latent, window, position) not in tokens:
             keep.append(i)
             seen[latent] = seen.get(latent, 0) + 1
+            tokens.add((latent, window, position))
     return attach_context(rows.take(pa.array(keep, pa.int64())), windows, decode)
 
 
@@ -63,25 +75,31 @@ def analyze(
     out: Optional[str | Path] = None,
     progress: bool = True,
     allow_unfinished: bool = False,
+    joint: Optional[JointAnalysisConfig] = None,
 ) -> dict:
-    """Analyse a run on held-out text; returns the summary (also written to summary.json)."""
+    """Analyse a run on held-out text; returns the summary (also written to summary.json).
+
+    ``joint`` holds the settings of a concat run's own analyses (defaults when None).
+    """
     started = time.perf_counter()
+    joint = joint or JointAnalysisConfig()
     dev = resolve_device(device)
     run = open_run(run_dir, dev, allow_unfinished)
     require_data(run.folder, run.meta, data)
-    out = Path(out) if out else run.folder / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
     coder = run.coder
+    check_joint_settings(run, joint)
     cache = open_cache_for(run, data)
     if model is None:
         model = load_model(run.meta["model"], device=str(dev))
     check_model(run, model)
+    out = Path(out) if out else run.folder / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
     shared = coder.latent_space == "shared"
     layers = coder.layers
     source = held_out(run, model, cache, data, split, ctx, batch_tokens)
     windows, excl = source.windows, source.exclude_first_position
 
-    dist = LayerDistribution(coder.n_latents, layers, shared_dictionary=shared)
+    dist = LayerDistribution(coder.n_latents, layers, shared_dictionary=coder.latent_space != "per_layer")
     examples = TopExamples(coder.n_latents, layers, n=top_n, per_layer=True)
     drift: Optional[Drift] = None
     seen = 0
@@ -97,8 +115,10 @@ def analyze(
             with torch.no_grad():
                 o = coder(x)
             drift.update(x.cpu())
-            dist.update(o.top_acts.cpu(), o.top_idx.cpu())
-            examples.update(o.top_acts.cpu(), o.top_idx.cpu(), batch.token_ids, batch.window, batch.position)
+            activity = coder.activity_by_layer(o.top_acts, o.top_idx).cpu()  # the arrangement's per-layer profile
+            at_layers = coder.codes_at_layers(o.top_acts, o.top_idx)[1].cpu()
+            dist.update(activity, at_layers)
+            examples.update(activity, at_layers, batch.token_ids, batch.window, batch.position)
             seen += len(batch)
             bar.update(len(batch))
             if seen >= tokens:
@@ -131,7 +151,11 @@ def analyze(
         written["geometry_bins"], written["geometry_sample"] = geo.bins, geo.sample
         summary["geometry"] = geo.summary
     else:
-        summary["geometry"] = None  # per-layer dictionaries have no shared mean layer to compare
+        summary["geometry"] = None  # per-layer and joint dictionaries have no shared mean layer to compare
+    if coder.latent_space == "joint":
+        n_tokens = torch.from_numpy(tables["latents"].column("n_tokens").to_numpy())
+        tables_joint, summary["joint"] = joint_analyses(model, run, joint, windows_t, excl, n_tokens, seen, progress)
+        written.update(tables_joint)
     if prompts:
         written["heatmaps"] = prompt_heatmaps(model, run, prompts, int(windows_t.shape[1]), excl)
     for name, table in written.items():
@@ -159,7 +183,8 @@ def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], 
         acts = model.capture(ids, coder.layers)[0][keep]  # [kept positions, layers, d]
         with torch.no_grad():
             o = coder(acts.float())
-        heat = prompt_heatmap(o.top_acts.cpu(), o.top_idx.cpu(), coder.n_latents)
+        heat = prompt_heatmap(coder.activity_by_layer(o.top_acts, o.top_idx).cpu(),
+                              coder.codes_at_layers(o.top_acts, o.top_idx)[1].cpu(), coder.n_latents)
         for r, latent in enumerate(heat.latents):
             for c, layer in enumerate(coder.layers):
                 rows["prompt"].append(text)
@@ -167,3 +192,105 @@ def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], 
                 rows["layer"].append(layer)
                 rows["activation"].append(float(heat.values[r, c]))
     return pa.table(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# A joint (concat) coder's own analyses
+
+
+def check_joint_settings(run: RunSpec, joint: JointAnalysisConfig) -> None:
+    """The concat-only settings make sense for this run: checked before any model loads."""
+    coder, L = run.coder, len(run.coder.layers)
+    per_token = joint.flow_text is not None or joint.flow_latent is not None
+    if coder.latent_space != "joint":
+        if per_token or joint.flow_max_k is not None:
+            raise MlsaeError(f"--flow-text/--flow-latent/--flow-max-k: information flow needs a concat run; {run.folder} holds a {coder.arch} coder")
+        return
+    if joint.flow_max_k is not None and joint.flow_max_k > L - 1:
+        raise MlsaeError(f"--flow-max-k {joint.flow_max_k}: {run.folder} has {L} layers, so layer l+k exists only for k <= {L - 1}")
+    if per_token and (joint.flow_text is None or not joint.flow_latent):
+        raise MlsaeError("--flow-text and --flow-latent go together: a text, and the latents to follow on it")
+    bad = [f for f in joint.flow_latent or [] if not 0 <= f < coder.n_latents]
+    if bad:
+        raise MlsaeError(f"--flow-latent {bad[0]}: expected a latent in [0, {coder.n_latents})")
+    if L < 2 and (per_token or joint.flow_latents_per_bucket):
+        raise MlsaeError(f"{run.folder} has one layer: information flow needs at least two (set --flow-latents-per-bucket 0)")
+
+
+@torch.no_grad()
+def _probe(model: ResidualModel, run: RunSpec, ids: torch.Tensor, exclude_first: bool, windows_per_batch: int = 16):
+    """Clean residuals ``[windows, pos, layers, d]`` of ``ids`` and the joint codes of the
+    positions that count, with their window and position."""
+    coder = run.coder
+    special = special_token_ids(model.tokenizer)
+    resid = torch.cat([model.capture(ids[i : i + windows_per_batch], coder.layers).float() for i in range(0, len(ids), windows_per_batch)])
+    keep = keep_mask(ids, special, exclude_first)
+    window, position = keep.nonzero(as_tuple=True)
+    o = coder(resid[keep].to(coder.sae.W_enc.device)) if keep.any() else None
+    acts = o.top_acts.cpu() if o is not None else torch.zeros(0, 1, 1)
+    idx = o.top_idx.cpu() if o is not None else torch.zeros(0, 1, 1, dtype=torch.long)
+    return resid.cpu(), acts, idx, window, position
+
+
+def _flow(model: ResidualModel, run: RunSpec, ids, resid, items, trigger, joint: JointAnalysisConfig, progress: bool):
+    coder = run.coder
+    dev = model.device
+    return information_flow(
+        model.residuals_from, coder.transform, coder.transform.inverse_delta, coder.decoder_blocks().detach().to(dev),
+        coder.layers, ids.to(dev), resid.to(dev), items, trigger=trigger, max_k=joint.flow_max_k, progress=progress,
+    )
+
+
+def joint_analyses(
+    model: ResidualModel, run: RunSpec, joint: JointAnalysisConfig, windows: torch.Tensor, exclude_first: bool,
+    n_tokens: torch.Tensor, tokens_seen: int, progress: bool,
+) -> tuple[dict[str, pa.Table], dict]:
+    """Banding, activation rates, decoder cosines and information flow of a concat coder."""
+    coder = run.coder
+    layers, L = coder.layers, len(coder.layers)
+    enc = block_norms(coder.sae.W_enc, L).cpu()
+    dec = block_norms(coder.sae.W_dec, L).cpu()
+    latents = joint_latents(enc, dec, n_tokens, tokens_seen, layers)
+    cosines = decoder_cosines(coder.decoder_blocks().cpu(), latents, layers, top=joint.cosine_latents)
+    tables = {"joint_latents": latents, "block_norms": block_norm_table(enc, dec, layers), "decoder_cosines": cosines}
+    active = latents.column("active").to_numpy(zero_copy_only=False)
+    trigger = enc.argmax(1)
+    summary = {
+        "n_active": int(active.sum()),
+        "never_active": int((~active).sum()),
+        "trigger_counts": {str(l): int(((trigger == i) & torch.from_numpy(active)).sum()) for i, l in enumerate(layers)},
+        "mean_n_layers_90": float(np.mean(latents.column("n_layers_90").to_numpy()[active])) if active.any() else None,
+        "mean_cosine_by_k": {str(k): c for k, c, b in zip(cosines.column("k").to_pylist(), cosines.column("mean_cosine").to_pylist(),
+                                                          cosines.column("trigger_layer").to_pylist()) if b is None},
+    }
+    if joint.flow_latents_per_bucket and L > 1:
+        started = time.perf_counter()
+        chosen = sorted({f for layer in layers for f in most_active(latents, joint.flow_latents_per_bucket, layer)})
+        ids = windows[: joint.flow_windows, : joint.flow_positions]
+        resid, acts, idx, window, position = _probe(model, run, ids, exclude_first)
+        items = flow_items(acts, idx, window, position, chosen, joint.flow_tokens)
+        flow = _flow(model, run, ids, resid, items, trigger, joint, progress)
+        tables["flow"], tables["flow_buckets"] = flow, flow_by_bucket(flow)
+        summary["flow"] = {"latents": len(chosen), "items": len(items), "seconds": time.perf_counter() - started,
+                           **_flow_means(flow)}
+    if joint.flow_text is not None:
+        ids = model.tokenizer(joint.flow_text, return_tensors="pt").input_ids
+        if ids.shape[1] > windows.shape[1]:
+            raise MlsaeError(f"--flow-text of {ids.shape[1]} tokens is longer than the context ({windows.shape[1]}): shorten it")
+        resid, acts, idx, window, position = _probe(model, run, ids, exclude_first)
+        items = flow_items(acts, idx, window, position, joint.flow_latent, ids.shape[1])
+        flow = _flow(model, run, ids, resid, items, trigger, joint, progress)
+        tokens = [model.tokenizer.decode([t]) for t in ids[0].tolist()]
+        tables["flow_text"] = flow.append_column("token", pa.array([tokens[p] for p in flow.column("position").to_pylist()], pa.string()))
+        summary["flow_text"] = {"text": joint.flow_text, "latents": list(joint.flow_latent), "items": len(items)}
+    return tables, summary
+
+
+def _flow_means(flow: pa.Table) -> dict:
+    """Mean cosine and strength by gap k over every latent, token and source layer."""
+    if flow.num_rows == 0:
+        return {"mean_cosine_by_k": {}, "mean_strength_by_k": {}}
+    g = flow.group_by("k").aggregate([("cosine", "mean"), ("strength", "mean")]).sort_by("k")
+    ks = g.column("k").to_pylist()
+    return {"mean_cosine_by_k": dict(zip(map(str, ks), g.column("cosine_mean").to_pylist())),
+            "mean_strength_by_k": dict(zip(map(str, ks), g.column("strength_mean").to_pylist()))}

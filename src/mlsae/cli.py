@@ -101,7 +101,8 @@ def run_analyze(cfg: cfgmod.AnalyzeConfig) -> None:
     from .analyze import analyze
 
     summary = analyze(cfg.run, cfg.data, cfg.tokens, cfg.split, cfg.ctx, cfg.prompt or (), cfg.top_n, None, cfg.device,
-                      cfg.batch_tokens, cfg.out, allow_unfinished=cfg.allow_unfinished)
+                      cfg.batch_tokens, cfg.out, allow_unfinished=cfg.allow_unfinished,
+                      joint=cfgmod.subset(cfg, cfgmod.JointAnalysisConfig))
     print(headline(summary))
     print(f"tables written to {Path(cfg.out) if cfg.out else Path(cfg.run) / 'analysis'}")
 

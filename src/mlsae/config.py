@@ -68,15 +68,17 @@ class CacheConfig(ModelConfig, DataConfig):
 @dataclass
 class SAEConfig:
     arch: str = "mlsae"
-    """Arrangement of the sparse coder: mlsae (one dictionary for all layers) or per-layer."""
+    """Arrangement of the sparse coder: mlsae (one dictionary for all layers), per-layer (one per layer) or concat (one dictionary over the concatenated layers)."""
     expansion_factor: int = 64
-    """Latents per input dimension (R = n_latents / d_model)."""
+    """Latents per input dimension of the coder: d_model for mlsae and per-layer, d_model x layers for concat (ignored when --n-latents is given)."""
+    n_latents: Optional[int] = None
+    """Number of latents (per dictionary), overriding --expansion-factor: use it to compare arrangements at equal latents."""
     k: int = 32
     """Active latents per example (TopK)."""
     k_aux: Optional[int] = None
     """Dead latents used by the AuxK loss (default: the power of 2 nearest d/2)."""
     aux_coef: float = 1 / 32
-    """Weight alpha of the AuxK loss."""
+    """Weight alpha of the AuxK loss (0 switches AuxK off)."""
     auxk_norm: str = "input"
     """What the AuxK error is divided by, per layer: input (the input's variance, like FVU) or error (the error's own variance, as Gao et al.)."""
     dead_tokens: int = 10_000_000
@@ -91,6 +93,10 @@ class SAEConfig:
     """Which FVU training minimises: standardized (the coder's input, after the transforms above) or raw."""
     decoder_impl: str = "auto"
     """Sparse decode and encoder backward: auto, sparse (k rows per example) or dense."""
+    post_bias: bool = False
+    """Add a learned per-latent bias to the active latents after TopK (Baskaran & Sklar's experiment)."""
+    init_gain: float = 1.0
+    """concat only: scale the initial encoder so the first batch's reconstruction has c x the input's standard deviation (c in c*sqrt(Var(x)/Var(x_hat)))."""
 
 
 @dataclass
@@ -164,7 +170,29 @@ class EvalConfig(HeldOutConfig):
 
 
 @dataclass
-class AnalyzeConfig(HeldOutConfig):
+class JointAnalysisConfig:
+    """The analyses of a concat run (Baskaran & Sklar): decoder cosines and information flow."""
+
+    cosine_latents: int = 100
+    """concat: decoder cosines between layers are averaged over this many most active latents (overall and per trigger bucket)."""
+    flow_latents_per_bucket: int = 16
+    """concat: information flow is averaged per trigger bucket over this many of its most active latents (0 skips it)."""
+    flow_tokens: int = 8
+    """concat: firing tokens per latent at which the flow is measured (its largest activations)."""
+    flow_windows: int = 128
+    """concat: held-out windows searched for those tokens."""
+    flow_positions: int = 64
+    """concat: positions of each window searched (the flow runs the model on the prefix up to the token)."""
+    flow_max_k: Optional[int] = None
+    """concat: the largest gap k, in captured layers, from layer l to l+k (default: every later layer)."""
+    flow_text: Optional[str] = None
+    """concat: a text on which the flow of --flow-latent is measured token by token."""
+    flow_latent: Optional[list[int]] = None
+    """concat: latents whose flow is measured at every token of --flow-text where they fire."""
+
+
+@dataclass
+class AnalyzeConfig(HeldOutConfig, JointAnalysisConfig):
     prompt: Optional[list[str]] = None
     """Texts to draw latents x layers heatmaps for."""
     top_n: int = 10
@@ -198,15 +226,16 @@ class DemoConfig:
 
 MINIMUM = {
     "tokens": 1, "tokens_per_step": 1, "micro_batch_tokens": 1, "init_tokens": 1, "checkpoint_tokens": 1,
-    "shuffle_buffer_mb": 1, "dead_tokens": 1, "expansion_factor": 1, "k": 1, "k_aux": 1, "ctx": 2,
+    "shuffle_buffer_mb": 1, "dead_tokens": 1, "expansion_factor": 1, "n_latents": 1, "k": 1, "cosine_latents": 1,
+    "flow_latents_per_bucket": 0, "flow_tokens": 1, "flow_windows": 1, "flow_positions": 2, "flow_max_k": 1, "flow_latent": 0, "k_aux": 1, "ctx": 2,
     "windows_per_batch": 1, "shard_tokens": 1, "batch_tokens": 1, "top_n": 1, "eval_tokens": 1,
     "downstream_tokens": 0, "layers": 0,
 }
 """The smallest value each integer setting (or each item of a list of them) may take."""
-POSITIVE_FLOATS = ("lr", "adam_eps")
+POSITIVE_FLOATS = ("lr", "adam_eps", "init_gain")
 NON_NEGATIVE_FLOATS = ("aux_coef",)
 CHOICES = {
-    "arch": ("mlsae", "per-layer"),
+    "arch": ("mlsae", "per-layer", "concat"),
     "loss_space": ("standardized", "raw"),
     "b_pre_init": ("geometric_median", "mean", "zero"),
     "auxk_norm": ("input", "error"),
@@ -344,6 +373,7 @@ __all__ = [
     "HeldOutConfig",
     "EvalConfig",
     "AnalyzeConfig",
+    "JointAnalysisConfig",
     "ReportConfig",
     "DemoConfig",
     "add_arguments",

@@ -65,7 +65,8 @@ class ReconstructionStats:
         self.fired = torch.zeros(L, self.n_latents, dtype=torch.bool)
 
     def update(self, x: Tensor, x_hat: Tensor, top_acts: Tensor, top_idx: Tensor) -> None:
-        """x, x_hat: [tokens, layers, d] raw; top_acts/top_idx: [tokens, layers, k]."""
+        """x, x_hat: [tokens, layers, d] raw; top_acts/top_idx: [tokens, layers, k], the codes
+        seen at each layer (:meth:`SparseCoder.codes_at_layers`: a joint code counts at every layer)."""
         x, x_hat = x.double(), x_hat.double()
         xs, mean, std = standardize(x)
         xs_hat = (x_hat - mean) / std
@@ -272,7 +273,8 @@ def evaluate(
             check_finite(x, "evaluation data", run.coder.layers)
             with torch.no_grad():
                 o = run.coder(x)
-            stats.update(x.cpu(), o.x_hat.cpu(), o.top_acts.cpu(), o.top_idx.cpu())
+            acts, idx = run.coder.codes_at_layers(o.top_acts, o.top_idx)  # L0, L1 and dead per layer
+            stats.update(x.cpu(), o.x_hat.cpu(), acts.cpu(), idx.cpu())
             bar.update(len(batch))
             if stats.count >= tokens:
                 break

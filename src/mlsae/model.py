@@ -134,6 +134,20 @@ class ResidualModel:
 
         The forward pass stops after the last requested block.
         """
+        return self._capture(input_ids, layers, attention_mask)
+
+    def residuals_from(self, layer: int, residual: Tensor, input_ids: Tensor, layers: Sequence[int]) -> Tensor:
+        """Outputs of blocks ``layers`` (each after ``layer``) when block ``layer``'s output is
+        ``residual: [batch, pos, d]``: the model's own map from layer l to the later layers,
+        ``[batch, pos, len(layers), d]``. Differentiable, forward mode included (not no_grad)."""
+        (layer,) = self.check_layers([layer])
+        layers = self.check_layers(layers)
+        if layers[0] <= layer:
+            raise MlsaeError(f"layers {layers}: expected layers after {layer}")
+        with self._skip_blocks_until(layer, residual):
+            return self._capture(input_ids, layers)
+
+    def _capture(self, input_ids: Tensor, layers: Optional[Sequence[int]], attention_mask: Optional[Tensor] = None) -> Tensor:
         layers = self.check_layers(layers)
         outputs: dict[int, Tensor] = {}
         last = layers[-1]

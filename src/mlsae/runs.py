@@ -106,10 +106,9 @@ def open_cache_for(run: RunSpec, data: str) -> Optional[ActivationCache]:
     """The activation cache ``data`` names (None for text), refused if captured for another model."""
     if not (Path(data) / "manifest.json").is_file():
         return None
-    cache = ActivationCache(data, verify=True)
+    cache = ActivationCache(data, verify=True, layers=run.coder.layers)
     if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
         raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
-    cache.check_matches(layers=run.coder.layers)
     return cache
 
 

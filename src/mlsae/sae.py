@@ -14,8 +14,13 @@ median of the first batches in the space the coder sees (as Gao et al. 2024 and 
 al.'s code do, the latter on the raw vectors), rather than at zero.
 
 An arrangement decides how (token, layer) vectors meet dictionaries: ``mlsae`` sends every
-layer's vector through ONE dictionary, ``per-layer`` gives each layer its own. Arrangements
-are registered by name; the name is saved in ``config.json`` so loading picks the right class.
+layer's vector through ONE dictionary, ``per-layer`` gives each layer its own, and ``concat``
+(Baskaran & Sklar) codes the concatenation of a token's layers with ONE dictionary, so each
+latent reads from and writes to every layer at once. Each declares its latent space and turns
+its codes into per-layer views (:meth:`SparseCoder.codes_at_layers`,
+:meth:`SparseCoder.activity_by_layer`), so evaluation, analyses and the report ask it instead of
+guessing from shapes. Arrangements are registered by name; the name is saved in
+``config.json`` so loading picks the right class.
 """
 
 from __future__ import annotations
@@ -114,24 +119,43 @@ def fvu_per_layer(x: Tensor, x_hat: Tensor, variance_of: Optional[Tensor] = None
 @dataclass
 class CoderOutput:
     x_hat: Tensor  # [tokens, layers, d], in the input's own (raw) units
-    top_acts: Tensor  # [tokens, layers, k]
-    top_idx: Tensor  # [tokens, layers, k] latent index within that layer's dictionary
+    top_acts: Tensor  # [tokens, code_rows, k]: a row per layer, or one per token (joint latents)
+    top_idx: Tensor  # [tokens, code_rows, k] latent index within the row's dictionary
     fvu: Tensor  # [layers] in the loss space
     auxk: Tensor  # [layers] in the loss space (zero where no latent is dead)
     loss: Tensor  # scalar: mean FVU + alpha * mean AuxK
 
 
 class TopK(nn.Module):
-    """One dictionary: encoder, unit-norm decoder rows, tied pre-encoder / post-decoder bias."""
+    """One dictionary: encoder, unit-norm decoder rows, tied pre-encoder / post-decoder bias.
 
-    def __init__(self, d: int, n_latents: int, k: int, generator: Optional[torch.Generator] = None):
+    ``init="uniform"``: W_enc uniform in +-1/sqrt(d), W_dec its rows at unit norm, no encoder
+    bias (Lawson et al. eq. 1). ``init="gaussian"``: encoder and decoder tied to the same unit
+    Gaussian rows, with a trained encoder bias (Baskaran & Sklar). ``post_bias`` adds a trained
+    per-latent bias to the active latents after TopK: h_i = ReLU(a_i + b_post_i) where a_i > 0.
+    """
+
+    def __init__(
+        self, d: int, n_latents: int, k: int, generator: Optional[torch.Generator] = None,
+        init: str = "uniform", post_bias: bool = False,
+    ):
         super().__init__()
-        bound = 1 / math.sqrt(d)
-        w = torch.empty(n_latents, d).uniform_(-bound, bound, generator=generator)
-        self.W_enc = nn.Parameter(w.clone())
-        self.W_dec = nn.Parameter(w / w.norm(dim=1, keepdim=True))
+        if init == "uniform":
+            bound = 1 / math.sqrt(d)
+            w = torch.empty(n_latents, d).uniform_(-bound, bound, generator=generator)
+            self.W_enc = nn.Parameter(w.clone())
+            self.W_dec = nn.Parameter(w / w.norm(dim=1, keepdim=True))
+            self.register_buffer("b_enc", torch.zeros(n_latents))  # eq. 1 has no encoder bias
+        elif init == "gaussian":
+            w = torch.randn(n_latents, d, generator=generator)
+            w = w / w.norm(dim=1, keepdim=True)
+            self.W_enc = nn.Parameter(w.clone())
+            self.W_dec = nn.Parameter(w.clone())
+            self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        else:
+            raise MlsaeError(f"dictionary init {init!r}: expected uniform or gaussian")
         self.b_pre = nn.Parameter(torch.zeros(d))
-        self.register_buffer("b_enc", torch.zeros(n_latents))  # eq. 1 has no encoder bias
+        self.b_post = nn.Parameter(torch.zeros(n_latents)) if post_bias else None
         self.k = k
 
     @property
@@ -140,7 +164,10 @@ class TopK(nn.Module):
 
     def encode(self, x: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor]:
         """``x: [M, d]`` -> (top_acts [M, k], top_idx [M, k], pre-activations [M, n] detached)."""
-        return topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl)
+        acts, idx, pre = topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl)
+        if self.b_post is not None:
+            acts = torch.where(acts > 0, torch.relu(acts + self.b_post[idx]), acts)
+        return acts, idx, pre
 
     def decode(self, top_acts: Tensor, top_idx: Tensor, impl: str) -> Tensor:
         return sparse_decode(top_acts, top_idx, self.W_dec, impl) + self.b_pre
@@ -177,10 +204,15 @@ report ask the arrangement this instead of guessing from tensor shapes or names.
 
 
 class SparseCoder(nn.Module):
-    """Base of the arrangements: input ``[tokens, layers, d]``, one output per (token, layer)."""
+    """Base of the arrangements: input ``[tokens, layers, d]``, one output per (token, layer).
+
+    Codes are ``[tokens, code_rows, k]``: one row per layer for ``shared`` and ``per_layer``
+    latents, one row per token for ``joint`` ones.
+    """
 
     arch: ClassVar[str]
     latent_space: ClassVar[str]
+    scales_encoder_at_start: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
         super().__init__()
@@ -188,22 +220,34 @@ class SparseCoder(nn.Module):
             raise MlsaeError(f"expansion_factor {cfg.expansion_factor}: expected a positive integer")
         if cfg.k <= 0:
             raise MlsaeError(f"k {cfg.k}: expected a positive integer")
-        n_latents = cfg.expansion_factor * d_model
-        if cfg.k > n_latents:
-            raise MlsaeError(f"k {cfg.k} is larger than the number of latents ({n_latents} = {cfg.expansion_factor} x {d_model})")
+        self.cfg = cfg
+        self.d_model = d_model
+        self.layers = list(layers)
+        self.d_in = self.input_size()
+        if cfg.n_latents is not None:
+            n_latents = cfg.n_latents
+            if cfg.k > n_latents:
+                raise MlsaeError(f"--k {cfg.k} is larger than --n-latents {n_latents}: expected k <= n_latents")
+        else:
+            n_latents = cfg.expansion_factor * self.d_in
+            if cfg.k > n_latents:
+                raise MlsaeError(f"k {cfg.k} is larger than the number of latents ({n_latents} = {cfg.expansion_factor} x {self.d_in})")
+        if cfg.init_gain != 1.0 and not self.scales_encoder_at_start:
+            raise MlsaeError(f"--init-gain {cfg.init_gain}: only the concat arrangement scales its encoder at the start, not {self.arch}")
         if cfg.loss_space not in CHOICES["loss_space"]:
             raise MlsaeError(f"loss_space {cfg.loss_space!r}: expected standardized or raw")
         if cfg.auxk_norm not in AUXK_NORMS:
             raise MlsaeError(f"auxk_norm {cfg.auxk_norm!r}: expected one of {', '.join(AUXK_NORMS)}")
         if cfg.b_pre_init not in B_PRE_INITS:
             raise MlsaeError(f"b_pre_init {cfg.b_pre_init!r}: expected one of {', '.join(B_PRE_INITS)}")
-        self.cfg = cfg
-        self.d_model = d_model
-        self.layers = list(layers)
         self.n_latents = n_latents
-        self.k_aux = cfg.k_aux or default_k_aux(d_model)
+        self.k_aux = cfg.k_aux or default_k_aux(self.d_in)
         self.impl = resolve_impl(cfg.decoder_impl)
         self.transform = build_transforms(cfg.standardize, cfg.center_layers, len(self.layers), d_model)
+
+    def input_size(self) -> int:
+        """Size of one example a dictionary reads: d_model, unless the arrangement joins layers."""
+        return self.d_model
 
     # Subclasses provide these four.
     def dictionaries(self) -> list[TopK]:
@@ -230,14 +274,35 @@ class SparseCoder(nn.Module):
             raise MlsaeError(f"input of shape {tuple(x.shape)}: expected [tokens, {len(self.layers)}, {self.d_model}]")
 
     @torch.no_grad()
-    def initialise(self, x: Tensor) -> None:
+    def initialise(self, x: Tensor) -> dict:
         """Before the first step: fit the frozen input transforms on ``x: [tokens, layers, d]``
         (raw residual vectors), then start b_pre where ``cfg.b_pre_init`` says, in the space the
-        coder sees."""
+        coder sees. Returns what else the arrangement did at the start, for the run's record."""
         self._check_input(x)
         self.transform.fit(x)
         x_in, _ = self.transform(x)
         self._start_b_pre(x_in)
+        return self._start_scale(x_in)
+
+    def _start_scale(self, x: Tensor) -> dict:
+        """After b_pre is set: any rescaling of the starting weights (none by default)."""
+        return {}
+
+    # Per-layer views of the codes: the one place that knows what a code row means.
+    def codes_at_layers(self, top_acts: Tensor, top_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """``[tokens, layers, k]`` codes: which latents are active at each layer, with their activation.
+
+        A shared or per-layer code row already belongs to one layer; a joint code belongs to
+        every layer (the token's one code, seen from each). L0, L1 and dead latents per layer
+        are counted on this view.
+        """
+        return top_acts, top_idx
+
+    def activity_by_layer(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
+        """``[tokens, layers, k]``: how much of each active latent lands at each layer, the
+        per-layer profile the layer-distribution analyses read. For shared and per-layer
+        latents it is their activation there (where they fire)."""
+        return top_acts
 
     def forward(self, x: Tensor, dead: Optional[Tensor] = None) -> CoderOutput:
         """Transform ``x: [tokens, layers, d]``, code it, map the output back; losses per eq. 7.
@@ -278,7 +343,8 @@ class SparseCoder(nn.Module):
             d.remove_parallel_grads()
 
     def fired(self, top_acts: Tensor, top_idx: Tensor) -> Tensor:
-        """Bool ``latent_shape``: which latents were active (> 0) anywhere in this batch."""
+        """Bool ``latent_shape``: which latents were active (> 0) anywhere in this batch (codes
+        ``[tokens, code_rows, k]`` as :meth:`forward` returns them)."""
         out = torch.zeros(self.latent_shape(), dtype=torch.bool, device=top_acts.device)
         active = top_acts > 0
         if self.latent_space != "per_layer":
@@ -298,7 +364,7 @@ class MultiLayerSAE(SparseCoder):
     def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
         super().__init__(cfg, d_model, layers, seed)
         g = torch.Generator().manual_seed(seed)
-        self.sae = TopK(d_model, self.n_latents, cfg.k, g)
+        self.sae = TopK(d_model, self.n_latents, cfg.k, g, post_bias=cfg.post_bias)
 
     def dictionaries(self) -> list[TopK]:
         return [self.sae]
@@ -334,7 +400,7 @@ class PerLayerSAEs(SparseCoder):
     def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
         super().__init__(cfg, d_model, layers, seed)
         g = torch.Generator().manual_seed(seed)
-        self.saes = nn.ModuleList(TopK(d_model, self.n_latents, cfg.k, g) for _ in layers)
+        self.saes = nn.ModuleList(TopK(d_model, self.n_latents, cfg.k, g, post_bias=cfg.post_bias) for _ in layers)
 
     def dictionaries(self) -> list[TopK]:
         return list(self.saes)
@@ -360,6 +426,94 @@ class PerLayerSAEs(SparseCoder):
         aux_layers = torch.tensor([e is not None for e in e_hats], device=x.device)
         e_hat = torch.stack([torch.zeros_like(x[:, 0]) if e is None else e for e in e_hats], 1)
         return x_hat, top_acts, top_idx, e_hat, aux_layers
+
+
+@register("concat")
+class ConcatSAE(SparseCoder):
+    """ONE dictionary over the concatenation of a token's layers (Baskaran & Sklar): every latent
+    reads from and writes to all the layers at once, and each token has ONE code.
+
+    Each layer's block is standardised on its own (the coder's input transforms) before the
+    blocks are joined into one vector of size d_model x layers. Encoder and decoder start tied
+    from Gaussian rows; on the first batch the encoder weight and bias are scaled by
+    c * sqrt(Var(x) / Var(x_hat)), so the first reconstruction has c times the input's scale.
+    Latent f's decoder row splits into one block per layer, dec_{f,l}; with unit-norm rows the
+    blocks' squared norms sum to 1 and say where the latent writes.
+    """
+
+    latent_space = "joint"
+    scales_encoder_at_start = True
+
+    def __init__(self, cfg: SAEConfig, d_model: int, layers: list[int], seed: int = 0):
+        super().__init__(cfg, d_model, layers, seed)
+        g = torch.Generator().manual_seed(seed)
+        self.sae = TopK(self.d_in, self.n_latents, cfg.k, g, init="gaussian", post_bias=cfg.post_bias)
+
+    def input_size(self) -> int:
+        return self.d_model * len(self.layers)
+
+    def dictionaries(self) -> list[TopK]:
+        return [self.sae]
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.n_latents,)
+
+    def _start_b_pre(self, x):
+        self.sae.b_pre.copy_(start_point(x.reshape(len(x), -1), self.cfg.b_pre_init))
+
+    def _reconstruct(self, x: Tensor, chunk: int = 1024) -> Tensor:
+        """x_hat of ``x: [tokens, layers, d]`` in the coder's space, a chunk of tokens at a time."""
+        return torch.cat([self._code(x[i : i + chunk], None)[0] for i in range(0, len(x), chunk)])
+
+    def _start_scale(self, x):
+        def total_variance(v: Tensor) -> float:
+            v = v.double().reshape(len(v), -1)
+            return float((v - v.mean(0)).pow(2).sum() / max(len(v) - 1, 1))
+
+        x_hat = self._reconstruct(x)
+        fvu_before = fvu_per_layer(x, x_hat)
+        var_hat = total_variance(x_hat)
+        scale = self.cfg.init_gain * math.sqrt(total_variance(x) / var_hat) if var_hat > 0 else 1.0
+        self.sae.W_enc.mul_(scale)
+        self.sae.b_enc.mul_(scale)
+        fvu_after = fvu_per_layer(x, self._reconstruct(x))
+        return {
+            "encoder_scale": scale,
+            "init_gain": self.cfg.init_gain,
+            "fvu_before_scaling": float(fvu_before.mean()),
+            "fvu_after_scaling": float(fvu_after.mean()),
+        }
+
+    def _code(self, x, dead):
+        n, n_layers, d = x.shape
+        flat = x.reshape(n, n_layers * d)
+        top_acts, top_idx, _ = self.sae.encode(flat, self.impl)
+        x_hat = self.sae.decode(top_acts, top_idx, self.impl).view(n, n_layers, d)
+        e_hat = None if dead is None else self.sae.auxk_reconstruction(flat, dead, self.k_aux, self.impl)
+        return x_hat, top_acts[:, None], top_idx[:, None], None if e_hat is None else e_hat.view(n, n_layers, d), None
+
+    def encoder_blocks(self) -> Tensor:
+        """``[latents, layers, d]``: enc_{f,l}, the part of latent f's encoder row that reads layer l."""
+        return self.sae.W_enc.view(self.n_latents, len(self.layers), self.d_model)
+
+    def decoder_blocks(self) -> Tensor:
+        """``[latents, layers, d]``: dec_{f,l}, the part of latent f's decoder row written to layer l."""
+        return self.sae.W_dec.view(self.n_latents, len(self.layers), self.d_model)
+
+    @torch.no_grad()
+    def decoder_share(self) -> Tensor:
+        """``[latents, layers]``: each decoder block's share of its row's squared norm (rows sum to 1)."""
+        sq = self.decoder_blocks().pow(2).sum(-1)
+        return sq / sq.sum(1, keepdim=True).clamp_min(torch.finfo(sq.dtype).tiny)
+
+    def codes_at_layers(self, top_acts, top_idx):
+        shape = (top_acts.shape[0], len(self.layers), top_acts.shape[-1])
+        return top_acts.expand(shape).contiguous(), top_idx.expand(shape).contiguous()
+
+    def activity_by_layer(self, top_acts, top_idx):
+        """A joint latent's activation times its decoder block's share at each layer: where it writes."""
+        share = self.decoder_share().to(top_acts.device)
+        return (top_acts[:, 0, :, None] * share[top_idx[:, 0]]).transpose(1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------

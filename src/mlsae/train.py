@@ -57,11 +57,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self._check_settings()
-        self.cache = ActivationCache(cfg.cache, verify=cfg.verify_cache) if cfg.cache else None
+        wanted = sorted(set(cfg.layers)) if cfg.layers is not None else None
+        self.cache = ActivationCache(cfg.cache, verify=cfg.verify_cache, layers=wanted) if cfg.cache else None
         if self.cache is not None:
             self.cfg = cfg = settings_from_cache(cfg, self.cache.manifest)
-            if cfg.layers is not None:
-                self.cache.check_matches(layers=sorted(cfg.layers))
             self.layers = self.cache.layers
             self.d_model = self.cache.manifest["d_model"]
             self.model_name = self.cache.manifest["model"]
@@ -267,7 +266,7 @@ class Trainer:
             raise MlsaeError("the activation source produced no data")
         x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
         check_finite(x, "the first batches", self.layers)
-        self.coder.initialise(x)
+        started = self.coder.initialise(x)
         starts = range(0, len(x), self.micro)
         with torch.no_grad():  # micro-batch by micro-batch, so memory stays that of a step
             chunks = [(self.coder(x[i : i + self.micro]).fvu.cpu(), len(x[i : i + self.micro]))
@@ -279,6 +278,7 @@ class Trainer:
             "transforms": self.coder.transform.describe(),
             "fvu": float(fvu.mean()),
             "fvu_per_layer": [round(float(v), 5) for v in fvu],
+            **started,
         }
         del x
         line = {"step": 0, "tokens": 0, "step_tokens": 0, "loss": float(fvu.mean()), "fvu": float(fvu.mean()), "auxk": 0.0,
@@ -291,12 +291,18 @@ class Trainer:
             f"{B_PRE_START[cfg.b_pre_init]}, transforms [{', '.join(self.init_info['transforms'])}], "
             f"on the first {self.init_info['tokens']:,} tokens"
         )
+        if "encoder_scale" in started:
+            tqdm.write(
+                f"encoder scaled by {started['encoder_scale']:.4g} (c = {started['init_gain']}) so the first reconstruction has "
+                f"the input's scale: FVU {started['fvu_before_scaling']:.3f} before, {started['fvu_after_scaling']:.3f} after "
+                f"(in the coder's space)"
+            )
         return first
 
     def _step(self, micro_batches: list[ActivationBatch]) -> dict:
         cfg, coder = self.cfg, self.coder
         step_tokens = sum(len(b) for b in micro_batches)
-        dead = self.state.tokens_since_fired >= cfg.dead_tokens
+        dead = self.state.tokens_since_fired >= cfg.dead_tokens if cfg.aux_coef > 0 else None  # AuxK off: no e_hat
         # Updated on a copy so that an interruption mid-step leaves the state of the last full step.
         since_fired = self.state.tokens_since_fired.clone()
         totals = {"loss": 0.0, "fvu": torch.zeros(len(self.layers)), "auxk": torch.zeros(len(self.layers))}

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_codes, check_count, check_layers, float_column, maybe
+from .joint import layers_holding
 
 
 class LayerDistribution:
@@ -176,7 +177,8 @@ class LayerDistribution:
         dead, n_tokens (tokens where it fires), n_firings ((token, layer) activations),
         activation_sum, mean_layer, aggregated_variance, per_token_variance, variance_ratio
         (aggregated / per-token), n_layers_active (layers with nonzero total activation),
-        mean_layers_per_token, multi_layer_token_fraction (share of its tokens with > 1 layer).
+        n_layers_90 (the fewest layers holding 90% of its total activation), mean_layers_per_token,
+        multi_layer_token_fraction (share of its tokens with > 1 layer).
         ``layer_distribution``, one row per (latent, layer) where it fired (missing rows = 0):
         latent, dictionary_layer, layer, activation_sum, probability (p_i(l)), n_firings.
         ``n_layers``, one row per n = 1..L: n_layers, per_token_count / per_token_fraction
@@ -193,6 +195,8 @@ class LayerDistribution:
         else:
             dict_layer = pa.array(np.asarray(self.layers, dtype=np.int64)[ids // self.n_latents])
         act_total = self.act_sum.sum(1).cpu().numpy()
+        share = self.act_sum / self.act_sum.sum(1, keepdim=True).clamp_min(1e-300)
+        n_layers_90 = layers_holding(share).cpu().numpy().astype(np.int64)
         latents = pa.table({
             "latent": pa.array(latent, pa.int64()),
             "dictionary_layer": dict_layer,
@@ -205,6 +209,7 @@ class LayerDistribution:
             "per_token_variance": float_column(s["pt_var"], live),
             "variance_ratio": float_column(s["ratio"], s["ratio_ok"]),
             "n_layers_active": pa.array(s["layers_agg"], pa.int64()),
+            "n_layers_90": pa.array(n_layers_90, pa.int64(), mask=~live),
             "mean_layers_per_token": float_column(s["layers_pt"], live),
             "multi_layer_token_fraction": float_column(s["multi_frac"], live),
         })
