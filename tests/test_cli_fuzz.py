@@ -99,7 +99,7 @@ def invocations(draw, root: Path):
     if "run" in {f.name for f in cfgmod.dataclasses.fields(COMMANDS[command][0])}:
         argv.append(draw(st.sampled_from([str(root / "run"), str(root / "not-a-run"), str(root / "missing-run")])))
     argv += draw(bad_argument(command, root))
-    if draw(st.booleans()) and command != "demo":  # sometimes a harmless extra setting beside the bad one
+    if draw(st.booleans()) and command != "demo" and "--device" not in argv:  # sometimes a harmless extra setting beside the bad one
         argv += ["--device", "cpu"]
     return argv
 

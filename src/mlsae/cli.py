@@ -56,7 +56,7 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
 
 def run_eval(cfg: cfgmod.EvalConfig) -> None:
     from .evaluate import check_layers, compare, default_downstream_tokens, evaluate, format_table
-    from .runs import locate_run, require_data
+    from .runs import cache_for, locate_run, require_data
 
     runs = [cfg.run] + list(cfg.compare or [])
     names = [Path(r).name for r in runs]
@@ -67,6 +67,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         _, meta, _ = locate_run(run, cfg.allow_unfinished)
         require_data(Path(run), meta, cfg.data)
         check_layers(Path(run), meta["layers"], cfg.layers)
+        cache_for(meta, cfg.data)
         metas.append(meta)
     model = None
     downstream_tokens = default_downstream_tokens(cfg.tokens, cfg.downstream_tokens)
@@ -122,7 +123,7 @@ def headline(summary: dict) -> str:
 def run_report(cfg: cfgmod.ReportConfig) -> None:
     from .report import build_report
 
-    print(f"report written to {build_report(cfg.run, cfg.out)}")
+    print(f"report written to {build_report(cfg.run, cfg.out, cfg.compare or ())}")
 
 
 def run_demo(cfg: cfgmod.DemoConfig) -> None:

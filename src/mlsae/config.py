@@ -205,6 +205,8 @@ class ReportConfig:
     """Run folder (evaluated with `mlsae eval` and analysed with `mlsae analyze`)."""
     out: Optional[str] = None
     """Folder for index.html and its figures (default: RUN/report)."""
+    compare: Optional[list[str]] = None
+    """Other analysed runs shown beside this one (how many layers latents span, for every arrangement)."""
 
 
 @dataclass
@@ -276,6 +278,9 @@ def validate(cfg) -> None:
             raise MlsaeError(f"--device {value!r}: expected cpu, cuda, cuda:N, mps or auto")
         if f.name == "run" and not value:
             raise MlsaeError("RUN: expected the folder of a trained run")
+    n_latents, k = getattr(cfg, "n_latents", None), getattr(cfg, "k", None)
+    if n_latents is not None and k is not None and k > n_latents:
+        raise MlsaeError(f"--k {k} is larger than --n-latents {n_latents}: expected k <= n_latents")
 
 
 POSITIONAL = {"run"}

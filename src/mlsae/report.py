@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import matplotlib
 
@@ -92,10 +92,12 @@ def _read(path: Path) -> Optional[pa.Table]:
     return pq.read_table(path)
 
 
-def build_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
-    """Write ``index.html`` and its figures; returns the path of the page."""
+def build_report(run_dir: str | Path, out: Optional[str | Path] = None, compare: Sequence[str | Path] = ()) -> Path:
+    """Write ``index.html`` and its figures; returns the path of the page. ``compare``: other
+    analysed runs set beside this one where a figure compares arrangements."""
     run = Path(run_dir)
     meta = read_coder_config(run)
+    others = {Path(c): read_coder_config(c) for c in compare}
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     r = Report(run, out)
@@ -116,9 +118,15 @@ def build_report(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
             f"{html.escape(init['b_pre'].replace('_', ' '))}; both set on the first {init['tokens']:,} tokens, where the "
             f"FVU was {init['fvu']:.3f} (layers {min(init['fvu_per_layer']):.3f} to {max(init['fvu_per_layer']):.3f}).</p>"
         )
+        if "encoder_scale" in init:
+            r.add(f"<p>The encoder was scaled by {init['encoder_scale']:.4g} on that batch (c = {init['init_gain']}) so the first "
+                  f"reconstruction has c times the input's scale: FVU {init['fvu_before_scaling']:.3f} before the scaling, "
+                  f"{init['fvu_after_scaling']:.3f} after (in the coder's space).</p>")
     _training(r)
     _evaluation(r)
     _analysis(r, meta)
+    if others or latent_space_of(meta) == "joint":  # a figure for comparing systems
+        _layer_span(r, {run: meta, **others})
     page = out / "index.html"
     body = "\n".join(r.parts)
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>MLSAE report: {html.escape(run.name)}</title>"
@@ -211,6 +219,11 @@ def _analysis(r: Report, meta: dict) -> None:
         "per-token variance over all (token, latent) pairs, inactive ones as 0: it reads much larger on the same "
         "codes.</p>"
     )
+    if latent_space_of(meta) == "joint":
+        r.add("<p>This is a concat coder: a latent's layer profile is where it <i>writes</i> (its decoder block's share of "
+              "the row's squared norm at each layer), the same at every token, so its per-token and aggregated variances "
+              "are equal by construction and the ratio above reads 1. Its own analyses follow.</p>")
+        _joint(r, folder)
     _drift(r, folder)
     _layer_distribution(r, folder, meta)
     _variances(r, folder)
@@ -367,3 +380,145 @@ def _examples(r: Report, folder: Path) -> None:
         parts.append("</div>")
     r.add("".join(parts))
 
+
+
+# --------------------------------------------------------------------------------------------
+# A concat (joint) coder: banding, activation rates, decoder cosines, information flow
+
+
+def _joint(r: Report, folder: Path) -> None:
+    lat = _read(folder / "joint_latents.parquet")
+    norms = _read(folder / "block_norms.parquet")
+    if lat is None or norms is None:
+        r.missing("concat analyses", f"mlsae analyze {r.run} --data HELD_OUT_TEXT")
+        return
+    layers = sorted(set(norms.column("layer").to_pylist()))
+    L, n = len(layers), lat.num_rows
+    enc = norms.column("enc_norm").to_numpy().reshape(n, L)
+    dec = norms.column("dec_norm").to_numpy().reshape(n, L)
+    active = lat.column("active").to_numpy(zero_copy_only=False)
+    rate = lat.column("activation_rate").to_numpy()
+    trigger = np.array(lat.column("trigger_layer").to_pylist())
+    order = np.lexsort((rate, trigger))  # by trigger bucket, then least active first
+    order = order[active[order]]
+    if len(order) > 4000:  # an even subsample keeps the picture and the file small
+        order = order[np.linspace(0, len(order) - 1, 4000).astype(int)]
+    r.add("<h3>Banding: where latents read and write</h3>")
+    r.add(f"<p>{int(active.sum()):,} of {n:,} latents fired on the analysed tokens ({int((~active).sum()):,} never did). Each "
+          "column is an active latent; the colour is the norm of its encoder (left) or decoder (right) block at each layer, "
+          "relative to its largest block. Latents are grouped by trigger layer (the layer of the largest encoder block; "
+          "white lines separate the groups) and sorted by activation rate within a group, least active on the left. "
+          "Banding is a bright block at the trigger layer, and a decoder that writes from the trigger layer onwards.</p>")
+    bounds = np.nonzero(np.diff(trigger[order]))[0] + 0.5
+
+    def draw(fig):
+        for i, (name, m) in enumerate((("encoder", enc), ("decoder", dec))):
+            ax = fig.add_subplot(1, 2, i + 1)
+            shown = m[order] / np.maximum(m[order].max(1, keepdims=True), 1e-12)
+            im = ax.imshow(shown.T, aspect="auto", origin="lower", cmap="magma", interpolation="nearest", vmin=0, vmax=1)
+            for b in bounds:
+                ax.axvline(b, color="white", lw=0.6)
+            ax.set_yticks(range(L), [str(v) for v in layers])
+            ax.set(xlabel=f"active latents ({len(order):,}) by trigger layer, then rate", ylabel="layer", title=f"{name} block norms")
+        fig.colorbar(im, ax=fig.axes)
+
+    r.figure("banding", draw, size=(11, 4), caption="Encoder and decoder block norms per layer, each latent relative to its largest block.")
+
+    def draw_rates(fig):
+        ax = fig.add_subplot(1, 2, 1)
+        ax.hist(np.log10(rate[active]), bins=40)
+        ax.set(xlabel="log10 activation rate (share of tokens it fires at)", ylabel="latents", title=f"activation rates ({int((~active).sum()):,} never active)")
+        ax2 = fig.add_subplot(1, 2, 2)
+        counts = [int((trigger[active] == l).sum()) for l in layers]
+        ax2.bar(range(L), counts)
+        ax2.set_xticks(range(L), [str(v) for v in layers])
+        ax2.set(xlabel="trigger layer", ylabel="active latents", title="latents per trigger layer")
+
+    r.figure("activation_rates", draw_rates, size=(10, 3.5), caption="Left: how often each active latent fires. Right: how many latents each layer triggers.")
+
+    cos = _read(folder / "decoder_cosines.parquet")
+    if cos is not None and cos.num_rows:
+        r.add("<h3>Decoder cosines between layers</h3><p>cos(dec<sub>f,l</sub>, dec<sub>f,l+k</sub>): how alike the directions "
+              "a latent writes at layers k apart are, averaged over every l and the most active latents (error bars: one "
+              "standard deviation), overall and per trigger bucket. The residual stream copies information forward, so "
+              "nearby blocks tend to agree; the question is how fast that falls with k.</p>")
+
+        def draw_cos(fig):
+            ax = fig.add_subplot(1, 1, 1)
+            rows = cos.to_pylist()
+            overall = [x for x in rows if x["trigger_layer"] is None]
+            ax.errorbar([x["k"] for x in overall], [x["mean_cosine"] for x in overall], [x["std_cosine"] for x in overall],
+                        fmt="o-", color="black", capsize=3, label="all (top latents)")
+            for layer in layers:
+                mine = [x for x in rows if x["trigger_layer"] == layer]
+                if mine:
+                    ax.plot([x["k"] for x in mine], [x["mean_cosine"] for x in mine], ".-", lw=1, label=f"trigger {layer}")
+            ax.set(xlabel="k (captured layers apart)", ylabel="mean cosine", title="decoder block cosines")
+            ax.legend(fontsize=7, ncol=2)
+
+        r.figure("decoder_cosines", draw_cos, caption="Mean cosine between a latent's decoder blocks k layers apart.")
+        r.add(_table_html(cos.filter(pc.is_null(cos.column("trigger_layer")))))
+    _flow(r, folder, layers)
+
+
+def _flow(r: Report, folder: Path, layers: list[int]) -> None:
+    buckets = _read(folder / "flow_buckets.parquet")
+    if buckets is None or buckets.num_rows == 0:
+        return
+    r.add("<h3>Information flow</h3><p>At a token where latent f fires, the layer-l residual is moved along f's decoder block "
+          "dec<sub>f,l</sub> and the model's own map from layer l to l+k carries the move forward (a Jacobian-vector product "
+          "at the real activations): c<sub>l,l+k,f</sub>. <b>Cosine</b>: its angle with dec<sub>f,l+k</sub> (1: the decoder "
+          "follows the model's local linear pathway). <b>Strength</b>: c &middot; dec<sub>f,l+k</sub> / "
+          "||dec<sub>f,l+k</sub>||&sup2; (1: the move at l produces exactly the block at l+k along it). Shown from each "
+          "bucket's trigger layer, averaged over its most active latents and their tokens: is the flow strongest right "
+          "after the trigger layer?</p>")
+    rows = [x for x in buckets.to_pylist() if x["layer_from"] == x["trigger_layer"]]
+
+    def draw(fig):
+        for i, metric in enumerate(("mean_cosine", "mean_strength")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for layer in layers:
+                mine = sorted((x for x in rows if x["trigger_layer"] == layer), key=lambda x: x["k"])
+                if mine:
+                    ax.plot([x["k"] for x in mine], [x[metric] for x in mine], "o-", ms=3, label=f"trigger {layer}")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set(xlabel="k (from the trigger layer)", ylabel=metric.replace("_", " "), title=metric.split("_")[1])
+            ax.legend(fontsize=7)
+
+    r.figure("flow", draw, size=(10, 3.8), caption="Flow from each trigger bucket's trigger layer to the layers after it.")
+    r.add(_table_html(pa.Table.from_pylist(rows), ["trigger_layer", "layer_from", "layer_to", "k", "mean_cosine", "mean_strength", "n_latents", "n_rows"]))
+    text = _read(folder / "flow_text.parquet")
+    if text is not None and text.num_rows:
+        r.add("<h4>Token by token on the chosen text</h4>")
+        r.add(_table_html(text.slice(0, 80), ["latent", "position", "token", "activation", "layer_from", "layer_to", "cosine", "strength"]))
+
+
+def _layer_span(r: Report, runs: dict[Path, dict]) -> None:
+    """How many layers a latent spans, for every analysed run given: where an MLSAE latent fires,
+    where a concat latent writes (the fewest layers holding 90% of it)."""
+    spans = {}
+    for folder, meta in runs.items():
+        lat = _read(folder / "analysis" / "latents.parquet")
+        if lat is None or "n_layers_90" not in lat.column_names or latent_space_of(meta) == "per_layer":
+            continue
+        values = np.array([v for v in lat.column("n_layers_90").to_pylist() if v is not None])
+        if len(values):
+            spans[f"{folder.name} ({meta['sae']['arch']})"] = (values, len(meta["layers"]))
+    if not spans:
+        return
+    r.add("<h2>How many layers a latent spans</h2><p>For each live latent, the fewest layers that hold 90% of it: of its "
+          "activation summed over the analysed tokens for an MLSAE (where it fires), of its decoder's squared norm for a "
+          "concat SAE (where it writes). Pass <code>--compare OTHER_RUN</code> to put the two systems side by side.</p>")
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        top = max(L for _, L in spans.values())
+        width = 0.8 / len(spans)
+        for i, (name, (values, _)) in enumerate(spans.items()):
+            frac = np.bincount(values, minlength=top + 1)[1:] / len(values)
+            ax.bar(np.arange(1, top + 1) + (i - (len(spans) - 1) / 2) * width, frac, width=width,
+                   label=f"{name}: mean {values.mean():.2f}")
+        ax.set(xlabel="layers holding 90% of a latent", ylabel="fraction of live latents", title="layer span")
+        ax.legend(fontsize=8)
+
+    r.figure("layer_span", draw, caption="Layer span of the latents of each run.")

@@ -103,12 +103,18 @@ def windows_for_run(run: RunSpec, model: ResidualModel, data: str, split: str, c
 
 
 def open_cache_for(run: RunSpec, data: str) -> Optional[ActivationCache]:
-    """The activation cache ``data`` names (None for text), refused if captured for another model."""
+    """The activation cache ``data`` names (None for text), checksums verified, reading the run's layers."""
+    return cache_for(run.meta, data, verify=True)
+
+
+def cache_for(meta: dict, data: str, verify: bool = False) -> Optional[ActivationCache]:
+    """The cache ``data`` names (None for text), refused if captured for another model or without
+    one of the run's layers; cheap without ``verify``, so commands check it before loading a model."""
     if not (Path(data) / "manifest.json").is_file():
         return None
-    cache = ActivationCache(data, verify=True, layers=run.coder.layers)
-    if cache.manifest["model_fingerprint"] != run.meta["model_fingerprint"]:
-        raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {run.meta['model']}")
+    cache = ActivationCache(data, verify=verify, layers=meta["layers"])
+    if cache.manifest["model_fingerprint"] != meta["model_fingerprint"]:
+        raise MlsaeError(f"evaluation data {data} was tokenised and captured for another model ({cache.manifest['model']}), not {meta['model']}")
     return cache
 
 
