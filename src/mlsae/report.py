@@ -105,8 +105,9 @@ def build_report(run_dir: str | Path, out: Optional[str | Path] = None, compare:
     r.add(f"<h1>MLSAE report: {html.escape(run.name)}</h1>")
     r.add(
         f"<p>{html.escape(sae['arch'])} coder on <b>{html.escape(str(meta['model']))}</b>, layers "
-        f"{meta['layers'][0]}..{meta['layers'][-1]} ({len(meta['layers'])}), {meta['n_latents']:,} latents "
-        f"(R = {sae['expansion_factor']}), k = {sae['k']}, trained on {train.get('tokens', '?'):,} tokens of "
+        f"{_layer_list(meta['layers'])} "
+        f"({len(meta['layers'])}), {meta['n_latents']:,} latents (R = {_expansion(meta):.3g} per input dimension), "
+        f"k = {sae['k']}, trained on {train.get('tokens', '?'):,} tokens of "
         f"<code>{html.escape(str(train.get('data')))}</code>; training minimises FVU on the {sae['loss_space']} vectors.</p>"
         if isinstance(train.get("tokens"), int)
         else f"<p>{html.escape(sae['arch'])} coder on {html.escape(str(meta['model']))}</p>"
@@ -132,6 +133,16 @@ def build_report(run_dir: str | Path, out: Optional[str | Path] = None, compare:
     page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>MLSAE report: {html.escape(run.name)}</title>"
                     f"<style>{CSS}</style></head><body>{body}</body></html>")
     return page
+
+
+def _layer_list(layers: list[int]) -> str:
+    return ", ".join(map(str, layers)) if len(layers) <= 8 else f"{layers[0]}..{layers[-1]}"
+
+
+def _expansion(meta: dict) -> float:
+    """Latents per input dimension of a dictionary: d_model, or d_model x layers for a concat coder."""
+    d_in = meta["d_model"] * (len(meta["layers"]) if latent_space_of(meta) == "joint" else 1)
+    return meta["n_latents"] / d_in
 
 
 def _training(r: Report) -> None:
@@ -420,7 +431,7 @@ def _joint(r: Report, folder: Path) -> None:
                 ax.axvline(b, color="white", lw=0.6)
             ax.set_yticks(range(L), [str(v) for v in layers])
             ax.set(xlabel=f"active latents ({len(order):,}) by trigger layer, then rate", ylabel="layer", title=f"{name} block norms")
-        fig.colorbar(im, ax=fig.axes)
+            fig.colorbar(im, ax=ax)
 
     r.figure("banding", draw, size=(11, 4), caption="Encoder and decoder block norms per layer, each latent relative to its largest block.")
 
