@@ -134,3 +134,17 @@ def test_a_full_disk_while_caching_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "save", full)
     with pytest.raises(MlsaeError, match="could not write cache shard 00000 in .*: no space left on the device"):
         write_cache(model, iter(windows(model)), tmp_path / "c", tokens=100, shard_tokens=64)
+
+
+def test_a_cache_reads_a_subset_of_its_layers(tmp_path):
+    model = tiny_model("llama", n_layers=3)
+    write_cache(model, iter(windows(model)), tmp_path / "c", tokens=60, layers=[0, 1, 2])
+    full = torch.cat([b.acts for b in ActivationCache(tmp_path / "c").batches(25, shuffle=False)])
+    part = ActivationCache(tmp_path / "c", layers=[0, 2])
+    assert part.layers == [0, 2]
+    sub = torch.cat([b.acts for b in part.batches(25, shuffle=False)])
+    assert torch.equal(sub, full[:, [0, 2]])
+    shuffled = torch.cat([b.acts for b in part.batches(25, shuffle=True, seed=1)])
+    assert shuffled.shape == sub.shape and not torch.equal(shuffled, sub)
+    with pytest.raises(MlsaeError, match=r"holds layers \[0, 1, 2\], not layer 5"):
+        ActivationCache(tmp_path / "c", layers=[0, 5])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from mlsae.analysis import block_norms, decoder_cosines, flow_items, information_flow, joint_latents, layers_holding
+from mlsae.analysis import FlowItem, block_norms, decoder_cosines, flow_items, information_flow, joint_latents, layers_holding
 from mlsae.cli import main
 from mlsae.config import SAEConfig
 from mlsae.errors import MlsaeError
@@ -78,7 +78,7 @@ def test_post_activation_bias_is_used_and_round_trips(tmp_path):
     x = torch.randn(30, 3, 8)
     coder.initialise(x)
     with torch.no_grad():
-        coder.sae.b_post.copy_(torch.rand(24) * 0.5)
+        coder.sae.b_post.copy_(torch.rand(24) * 3 - 2.5)  # mostly negative: the ReLU after the bias acts
     out = coder(x)
     save_coder(coder, tmp_path / "run", "m", "fp")
     loaded, meta = load_coder(tmp_path / "run")
@@ -93,7 +93,8 @@ def test_post_activation_bias_is_used_and_round_trips(tmp_path):
     plain = concat(post_bias=False)
     plain.load_state_dict({k: v for k, v in coder.state_dict().items() if k != "sae.b_post"})
     raw = plain(x).top_acts
-    assert torch.allclose(out.top_acts[active], (raw + bias)[active])  # added to the active latents after TopK
+    assert torch.allclose(out.top_acts[active], torch.relu(raw + bias)[active])  # added to the active latents after TopK
+    assert bool((out.top_acts == 0).any()) and bool((out.top_acts >= 0).all())
 
 
 def test_block_norms_equal_explicit_slicing():
@@ -172,6 +173,16 @@ def test_a_planted_feature_writing_to_layers_2_to_4_is_recovered_with_trigger_la
         assert int(enc.argmax()) == 2  # its trigger layer
 
 
+def plain_std(v):
+    """The per-vector standardisation's scale, by the plain formula: sqrt(mean((v - mean v)^2) + 1e-6)."""
+    return float(((v - v.mean()) ** 2).mean().add(1e-6).sqrt())
+
+
+def flow_of(model_map, coder, dec, layers, ids, resid, items, **kw):
+    t = coder.transform
+    return information_flow(model_map, t, t.inverse_delta, t.forward_delta, dec, layers, ids, resid, items, progress=False, **kw)
+
+
 def test_information_flow_equals_finite_differences_of_the_models_map():
     model = tiny_model("llama", n_layers=4, seed=3)
     torch.manual_seed(6)
@@ -180,40 +191,69 @@ def test_information_flow_equals_finite_differences_of_the_models_map():
     resid = model.capture(ids, layers).float()
     coder = ConcatSAE(SAEConfig(arch="concat", n_latents=16, k=3), model.d_model, layers)
     coder.initialise(resid.flatten(0, 1))
-    items = flow_items(*[t for t in (coder(resid[:, 1:].flatten(0, 1)).top_acts, coder(resid[:, 1:].flatten(0, 1)).top_idx)],
-                       torch.arange(2).repeat_interleave(11), torch.arange(1, 12).repeat(2), [0, 1, 2, 3, 4], 1)
-    assert items
+    out = coder(resid[:, 1:].flatten(0, 1))
+    items = flow_items(out.top_acts, out.top_idx, torch.arange(2).repeat_interleave(11), torch.arange(1, 12).repeat(2), [0, 1, 2, 3, 4], 1)
+    assert len(items) >= 3
     trigger = block_norms(coder.sae.W_enc, 3).argmax(1)
     dec = coder.decoder_blocks().detach()
-    flow = information_flow(model.residuals_from, coder.transform, coder.transform.inverse_delta, dec, layers, ids, resid,
-                            items, trigger=trigger, progress=False)
+    flow = flow_of(model.residuals_from, coder, dec, layers, ids, resid, items, trigger=trigger)
     assert flow.num_rows == len(items) * 3  # (0 -> 1), (0 -> 3), (1 -> 3)
     eps = 1e-2
-    for row in flow.to_pylist()[:6]:
+    for row in flow.to_pylist():
         i, j = layers.index(row["layer_from"]), layers.index(row["layer_to"])
         w, t, f = row["window"], row["position"], row["latent"]
-        x_tok = resid[w, t][None]
-        _, state = coder.transform(x_tok)
-        tangent = torch.zeros_like(x_tok)
-        tangent[0, i] = dec[f, i]
-        v = coder.transform.inverse_delta(tangent, state)[0, i]
+        v = dec[f, i] * plain_std(resid[w, t, i])  # the move along dec_{f,l}, in the model's units
 
-        def z_at(e):
+        def at_target(e):
             r = resid[w : w + 1, : t + 1, i].clone()
             r[0, t] += e * v
             with torch.no_grad():
-                out = model.residuals_from(layers[i], r, ids[w : w + 1, : t + 1], [layers[j]])[0, t, 0]
-            x = x_tok.clone()
-            x[0, j] = out
-            return coder.transform(x)[0][0, j]
+                return model.residuals_from(layers[i], r, ids[w : w + 1, : t + 1], [layers[j]])[0, t, 0]
 
-        c = (z_at(eps) - z_at(-eps)) / (2 * eps)
+        c = (at_target(eps) - at_target(-eps)) / (2 * eps) / plain_std(resid[w, t, j])  # in the coder's space
         target = dec[f, j]
         assert row["cosine"] == pytest.approx(float(torch.nn.functional.cosine_similarity(c, target, dim=0)), abs=2e-3)
         assert row["strength"] == pytest.approx(float((c * target).sum() / target.pow(2).sum()), abs=2e-3 * max(1, abs(row["strength"])))
         assert row["trigger_layer"] == layers[int(trigger[f])]
     with pytest.raises(MlsaeError, match="max_k 3: the run has 3 layers, so k can be 1 to 2"):
-        information_flow(model.residuals_from, coder.transform, coder.transform.inverse_delta, dec, layers, ids, resid, items, max_k=3)
+        flow_of(model.residuals_from, coder, dec, layers, ids, resid, items, max_k=3)
+
+
+def test_a_pathway_that_copies_layer_l_forward_reads_cosine_1_and_strength_1():
+    """A model map that carries layer l unchanged to every later layer, and a decoder that writes
+    the same block at every layer: the decoder follows the pathway exactly, even where the
+    block lies along the token's own vector (the transforms' state is held fixed both ways)."""
+    torch.manual_seed(7)
+    layers = [0, 1, 2]
+    vec = torch.randn(2, 6, 1, 8) * 3 + 1
+    resid = vec.expand(2, 6, 3, 8).clone()  # the same vector at every layer: the same scale
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    coder = ConcatSAE(SAEConfig(arch="concat", n_latents=6, k=2), 8, layers)
+    coder.initialise(resid.flatten(0, 1))
+    with torch.no_grad():
+        block = torch.randn(6, 8)
+        block[0] = vec[0, 3, 0] - vec[0, 3, 0].mean()  # latent 0 writes along the token's own (centred) vector
+        coder.sae.W_dec.copy_(block.repeat(1, 3) / block.repeat(1, 3).norm(dim=1, keepdim=True))
+
+    def copy_forward(layer, residual, ids, later):
+        return residual[:, :, None].expand(*residual.shape[:2], len(later), residual.shape[-1])
+
+    items = [FlowItem(f, 0, 3, 1.0) for f in range(6)] + [FlowItem(2, 1, 5, 1.0)]
+    flow = flow_of(copy_forward, coder, coder.decoder_blocks().detach(), layers, ids, resid, items)
+    assert flow.num_rows == 7 * 3
+    assert np.allclose(flow.column("cosine").to_numpy(), 1, atol=1e-5)
+    assert np.allclose(flow.column("strength").to_numpy(), 1, atol=1e-5)
+
+
+def test_bucket_means_count_each_latent_once():
+    import pyarrow as pa
+
+    from mlsae.analysis import flow_by_bucket
+
+    rows = [dict(latent=1, trigger_layer=4, layer_from=4, layer_to=9, k=1, cosine=1.0, strength=2.0)] * 3
+    rows += [dict(latent=2, trigger_layer=4, layer_from=4, layer_to=9, k=1, cosine=0.0, strength=0.0)]
+    out = flow_by_bucket(pa.Table.from_pylist(rows)).to_pylist()
+    assert out == [dict(trigger_layer=4, layer_from=4, layer_to=9, k=1, mean_cosine=0.5, mean_strength=1.0, n_rows=4, n_latents=2)]
 
 
 def test_concat_from_the_command_line_with_compare_analyze_report_and_bad_input(tmp_path, capsys):

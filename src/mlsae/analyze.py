@@ -154,7 +154,7 @@ def analyze(
         summary["geometry"] = None  # per-layer and joint dictionaries have no shared mean layer to compare
     if coder.latent_space == "joint":
         n_tokens = torch.from_numpy(tables["latents"].column("n_tokens").to_numpy())
-        tables_joint, summary["joint"] = joint_analyses(model, run, joint, windows_t, excl, n_tokens, seen, progress)
+        tables_joint, summary["joint"] = joint_analyses(model, run, joint, windows_t, excl, n_tokens, seen, progress, batch_tokens)
         written.update(tables_joint)
     if prompts:
         written["heatmaps"] = prompt_heatmaps(model, run, prompts, int(windows_t.shape[1]), excl)
@@ -218,7 +218,7 @@ def check_joint_settings(run: RunSpec, joint: JointAnalysisConfig) -> None:
 
 
 @torch.no_grad()
-def _probe(model: ResidualModel, run: RunSpec, ids: torch.Tensor, exclude_first: bool, windows_per_batch: int = 16):
+def _probe(model: ResidualModel, run: RunSpec, ids: torch.Tensor, exclude_first: bool, batch_tokens: int, windows_per_batch: int = 16):
     """Clean residuals ``[windows, pos, layers, d]`` of ``ids`` and the joint codes of the
     positions that count, with their window and position."""
     coder = run.coder
@@ -226,9 +226,11 @@ def _probe(model: ResidualModel, run: RunSpec, ids: torch.Tensor, exclude_first:
     resid = torch.cat([model.capture(ids[i : i + windows_per_batch], coder.layers).float() for i in range(0, len(ids), windows_per_batch)])
     keep = keep_mask(ids, special, exclude_first)
     window, position = keep.nonzero(as_tuple=True)
-    o = coder(resid[keep].to(coder.sae.W_enc.device)) if keep.any() else None
-    acts = o.top_acts.cpu() if o is not None else torch.zeros(0, 1, 1)
-    idx = o.top_idx.cpu() if o is not None else torch.zeros(0, 1, 1, dtype=torch.long)
+    kept = resid[keep]
+    device = coder.sae.W_enc.device
+    codes = [coder(kept[i : i + batch_tokens].to(device)) for i in range(0, len(kept), batch_tokens)]  # memory of one batch
+    acts = torch.cat([o.top_acts.cpu() for o in codes]) if codes else torch.zeros(0, 1, 1)
+    idx = torch.cat([o.top_idx.cpu() for o in codes]) if codes else torch.zeros(0, 1, 1, dtype=torch.long)
     return resid.cpu(), acts, idx, window, position
 
 
@@ -236,14 +238,15 @@ def _flow(model: ResidualModel, run: RunSpec, ids, resid, items, trigger, joint:
     coder = run.coder
     dev = model.device
     return information_flow(
-        model.residuals_from, coder.transform, coder.transform.inverse_delta, coder.decoder_blocks().detach().to(dev),
+        model.residuals_from, coder.transform, coder.transform.inverse_delta, coder.transform.forward_delta,
+        coder.decoder_blocks().detach().to(dev),
         coder.layers, ids.to(dev), resid.to(dev), items, trigger=trigger, max_k=joint.flow_max_k, progress=progress,
     )
 
 
 def joint_analyses(
     model: ResidualModel, run: RunSpec, joint: JointAnalysisConfig, windows: torch.Tensor, exclude_first: bool,
-    n_tokens: torch.Tensor, tokens_seen: int, progress: bool,
+    n_tokens: torch.Tensor, tokens_seen: int, progress: bool, batch_tokens: int = 4096,
 ) -> tuple[dict[str, pa.Table], dict]:
     """Banding, activation rates, decoder cosines and information flow of a concat coder."""
     coder = run.coder
@@ -267,7 +270,7 @@ def joint_analyses(
         started = time.perf_counter()
         chosen = sorted({f for layer in layers for f in most_active(latents, joint.flow_latents_per_bucket, layer)})
         ids = windows[: joint.flow_windows, : joint.flow_positions]
-        resid, acts, idx, window, position = _probe(model, run, ids, exclude_first)
+        resid, acts, idx, window, position = _probe(model, run, ids, exclude_first, batch_tokens)
         items = flow_items(acts, idx, window, position, chosen, joint.flow_tokens)
         flow = _flow(model, run, ids, resid, items, trigger, joint, progress)
         tables["flow"], tables["flow_buckets"] = flow, flow_by_bucket(flow)
@@ -277,7 +280,7 @@ def joint_analyses(
         ids = model.tokenizer(joint.flow_text, return_tensors="pt").input_ids
         if ids.shape[1] > windows.shape[1]:
             raise MlsaeError(f"--flow-text of {ids.shape[1]} tokens is longer than the context ({windows.shape[1]}): shorten it")
-        resid, acts, idx, window, position = _probe(model, run, ids, exclude_first)
+        resid, acts, idx, window, position = _probe(model, run, ids, exclude_first, batch_tokens)
         items = flow_items(acts, idx, window, position, joint.flow_latent, ids.shape[1])
         flow = _flow(model, run, ids, resid, items, trigger, joint, progress)
         tokens = [model.tokenizer.decode([t]) for t in ids[0].tolist()]

@@ -544,8 +544,11 @@ def save_coder(
     )
 
 
-LEGACY_SAE_SETTINGS = {"center_layers": False, "b_pre_init": "zero", "auxk_norm": "input"}
-"""What runs saved before these settings existed did: no centring, b_pre from zero."""
+LEGACY_SAE_SETTINGS = {
+    "center_layers": False, "b_pre_init": "zero", "auxk_norm": "input", "n_latents": None, "post_bias": False, "init_gain": 1.0,
+}
+"""What runs saved before these settings existed did: no centring, b_pre from zero, latents from
+the expansion factor, no post-activation bias (so a resume that asks for another is refused)."""
 
 
 def latent_space_of(meta: dict) -> str:

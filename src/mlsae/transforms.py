@@ -50,6 +50,11 @@ class InputTransform(nn.Module):
         """The linear part of ``inverse``: maps a difference of outputs (an error) back to x's units."""
         raise NotImplementedError
 
+    def forward_delta(self, dx: Tensor, state: Any) -> Tensor:
+        """The inverse of :meth:`inverse_delta`: a difference in x's units mapped into the output
+        space with the state held fixed (for following small moves, as the information flow does)."""
+        raise NotImplementedError
+
     def fit(self, x: Tensor) -> None:
         """Estimate the frozen state from ``x: [tokens, layers, d]``; stateless transforms do nothing."""
 
@@ -72,6 +77,9 @@ class Standardize(InputTransform):
 
     def inverse_delta(self, dy, state):
         return dy * state[1]
+
+    def forward_delta(self, dx, state):
+        return dx / state[1]
 
 
 class LayerCentering(InputTransform):
@@ -100,6 +108,9 @@ class LayerCentering(InputTransform):
 
     def inverse_delta(self, dy, state):
         return dy
+
+    def forward_delta(self, dx, state):
+        return dx
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> None:
@@ -134,6 +145,11 @@ class Pipeline(InputTransform):
         for t, s in zip(reversed(self.steps), reversed(state)):
             dy = t.inverse_delta(dy, s)
         return dy
+
+    def forward_delta(self, dx, state):
+        for t, s in zip(self.steps, state):
+            dx = t.forward_delta(dx, s)
+        return dx
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> None:

@@ -15,7 +15,8 @@ Latent f's encoder and decoder rows split into one block per layer, enc_{f,l} an
   prints the projection divided by the norm once; dividing by the squared norm makes perfect
   capture read 1, as its text says it should.) Everything is measured in the coder's space:
   the tangent dec_{f,l} is mapped to the model's units through the input transforms at that
-  token, and the change at l+k back through them.
+  token, and the change at l+k back through them, both with the token's transform state held
+  fixed (its per-layer scale), so a pathway that copies layer l to l+k unchanged reads 1.
 
 Layer indices here are positions among the run's layers (k counts captured layers); tables
 carry the actual layer numbers.
@@ -154,6 +155,7 @@ def information_flow(
     residuals_from: Callable[[int, Tensor, Tensor, Sequence[int]], Tensor],
     transform: Callable[[Tensor], tuple[Tensor, object]],
     inverse_delta: Callable[[Tensor, object], Tensor],
+    forward_delta: Callable[[Tensor, object], Tensor],
     dec_blocks: Tensor,
     layers: Sequence[int],
     ids: Tensor,
@@ -167,8 +169,8 @@ def information_flow(
     """c_{l,l+k,f} for every item, every source layer l and gap k (up to ``max_k``).
 
     ``residuals_from(layer, residual, ids, later_layers)`` is the model's map from one block's
-    output to later blocks' outputs (:meth:`ResidualModel.residuals_from`); ``transform`` and
-    ``inverse_delta`` are the coder's input transforms; ``dec_blocks: [latents, layers, d]`` in
+    output to later blocks' outputs (:meth:`ResidualModel.residuals_from`); ``transform``,
+    ``inverse_delta`` and ``forward_delta`` are the coder's input transforms; ``dec_blocks: [latents, layers, d]`` in
     the coder's space; ``ids: [windows, pos]`` the contexts and ``resid: [windows, pos, layers, d]``
     their clean residuals. Each item runs on the prefix of its context up to its token (exact
     for a causal model), with the tangent at that token alone. Rows: latent, trigger_layer,
@@ -207,7 +209,7 @@ def information_flow(
                     )
                 d_x = torch.zeros_like(x_tok)
                 d_x[:, later] = d_out[rows, t]
-                _, d_z = torch.func.jvp(lambda x: transform(x)[0], (x_tok,), (d_x,))  # into the coder's space
+                d_z = forward_delta(d_x, state)  # into the coder's space, the token's state held fixed
                 for j in later:
                     c, target = d_z[:, j], dec[f, j]
                     cos = torch.nn.functional.cosine_similarity(c, target, dim=-1)
@@ -234,10 +236,14 @@ def information_flow(
 
 
 def flow_by_bucket(flow: pa.Table) -> pa.Table:
-    """Means of the flow per (trigger_layer, layer_from, layer_to, k) over latents and tokens."""
-    if flow.num_rows == 0:
-        return pa.table({c: pa.array([], pa.int64()) for c in ("trigger_layer", "layer_from", "layer_to", "k")})
+    """Means of the flow per (trigger_layer, layer_from, layer_to, k): each latent's mean over its
+    tokens first, then the mean over the bucket's latents (each latent counts once)."""
     keys = ["trigger_layer", "layer_from", "layer_to", "k"]
-    out = flow.group_by(keys).aggregate([("cosine", "mean"), ("strength", "mean"), ("cosine", "count"), ("latent", "count_distinct")])
+    if flow.num_rows == 0:
+        return pa.table({c: pa.array([], pa.int64()) for c in keys})
+    per_latent = flow.group_by(keys + ["latent"]).aggregate([("cosine", "mean"), ("strength", "mean"), ("cosine", "count")])
+    out = per_latent.group_by(keys).aggregate(
+        [("cosine_mean", "mean"), ("strength_mean", "mean"), ("cosine_count", "sum"), ("latent", "count")]
+    )
     out = out.rename_columns(keys + ["mean_cosine", "mean_strength", "n_rows", "n_latents"])
     return out.sort_by([(k, "ascending") for k in keys])
