@@ -1,0 +1,173 @@
+"""The tuned lens (Belrose et al. 2023): one affine translator per layer, x' = x + W_l x + b_l.
+
+Lawson et al. (section 3.3, eqs. 8-9) pass each layer's residual vector through its
+translator before the encoder and map the decoder's output back with
+x_hat = (I + W_l)^-1 (x_hat' - b_l), the inverse computed once. Here a lens is an input
+transform (:class:`LensTransform`), so training, evaluation and analysis all reach the same
+space through the coder.
+
+Layer numbering. Ours is the output of block l (0-based), the last block's taken before the
+final norm. The tuned-lens package indexes hidden states with 0 = the embeddings, so block l's
+output is its index l + 1, read by its translator l + 1; the last block's output has no
+translator (the model's own final norm and unembedding read it: the identity). A lens here
+holds one translator per block, the last one fixed at the identity.
+
+Files: ``lens.safetensors`` (``weight [blocks, d, d]``, ``bias [blocks, d]``, nn.Linear's
+convention: x' = x + x W^T + b) and ``lens.json`` (model, fingerprint, sizes). A lens is known
+by the sha256 of its weights file; a run records it and refuses another.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import save_json
+from .errors import MlsaeError
+from .integrity import sha256
+from .transforms import InputTransform
+
+LENS_FORMAT = 1
+
+
+class TunedLens(nn.Module):
+    """Translators for every block of a model; the last block's is the identity and never trained."""
+
+    def __init__(self, n_blocks: int, d_model: int):
+        super().__init__()
+        if n_blocks < 1 or d_model < 1:
+            raise MlsaeError(f"a lens needs at least one block and one dimension, got {n_blocks} blocks of {d_model}")
+        self.weight = nn.Parameter(torch.zeros(n_blocks, d_model, d_model))
+        self.bias = nn.Parameter(torch.zeros(n_blocks, d_model))
+        self.weight.register_hook(self._keep_last_identity)
+        self.bias.register_hook(self._keep_last_identity)
+
+    @staticmethod
+    def _keep_last_identity(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        grad[-1] = 0
+        return grad
+
+    @property
+    def n_blocks(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[1]
+
+    def translate(self, x: Tensor, layers: Sequence[int]) -> Tensor:
+        """``x: [..., len(layers), d]`` -> x + x W_l^T + b_l at each layer."""
+        W, b = self.weight[list(layers)], self.bias[list(layers)]
+        return x + torch.einsum("...ld,lod->...lo", x, W) + b
+
+    def save(self, folder: str | Path, model_name: str, model_fingerprint: str) -> str:
+        """Write the lens; returns its hash (the sha256 of the weights file)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "lens.safetensors.tmp"
+        save_file({"weight": self.weight.detach().contiguous().cpu(), "bias": self.bias.detach().contiguous().cpu()}, str(tmp))
+        tmp.replace(folder / "lens.safetensors")
+        save_json(folder / "lens.json", {"format": LENS_FORMAT, "model": model_name, "model_fingerprint": model_fingerprint,
+                                         "n_blocks": self.n_blocks, "d_model": self.d_model})
+        return sha256(folder / "lens.safetensors")
+
+
+def load_lens(folder: str | Path) -> tuple[TunedLens, dict]:
+    """A lens saved here (``lens.json``) or by the tuned-lens package (``config.json`` and
+    ``params.pt``, read without executing code from the file), mapped to our block numbering.
+    The metadata says where it came from and, for ours, the model it was trained on."""
+    folder = Path(folder)
+    if (folder / "lens.json").is_file():
+        meta = json.loads((folder / "lens.json").read_text())
+        state = load_file(str(folder / "lens.safetensors"))
+        lens = TunedLens(meta["n_blocks"], meta["d_model"])
+        _load(lens, state, folder / "lens.safetensors")
+        return lens, {**meta, "source": "mlsae", "hash": sha256(folder / "lens.safetensors")}
+    if (folder / "config.json").is_file() and (folder / "params.pt").is_file():
+        return _load_tuned_lens_package(folder)
+    raise MlsaeError(f"{folder} holds no lens: expected lens.json and lens.safetensors, or the tuned-lens package's config.json and params.pt")
+
+
+def _load(lens: TunedLens, state: dict, path: Path) -> None:
+    for name, tensor in lens.state_dict().items():
+        if name not in state or state[name].shape != tensor.shape:
+            got = tuple(state[name].shape) if name in state else "missing"
+            raise MlsaeError(f"{path}: tensor {name} is {got}, expected {tuple(tensor.shape)}")
+    lens.load_state_dict({k: state[k] for k in ("weight", "bias")})
+
+
+def _load_tuned_lens_package(folder: Path) -> tuple[TunedLens, dict]:
+    """The package's translator i reads hidden state i (0 = the embeddings): our block i - 1.
+    Its key names are ``{i}.weight`` / ``{i}.bias`` (``layer_translators.`` prefixed in some files)."""
+    config = json.loads((folder / "config.json").read_text())
+    d = config.get("d_model")
+    n = config.get("num_hidden_layers")
+    if not isinstance(d, int) or not isinstance(n, int):
+        raise MlsaeError(f"{folder / 'config.json'}: expected integer d_model and num_hidden_layers (a tuned-lens config)")
+    try:
+        state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle holding code, or not a tensor file at all
+        raise MlsaeError(f"{folder / 'params.pt'} is not a plain tensor file ({type(e).__name__}): refusing to load it") from None
+    if not isinstance(state, dict):
+        raise MlsaeError(f"{folder / 'params.pt'}: expected a dictionary of tensors")
+    state = {k.removeprefix("layer_translators."): v for k, v in state.items()}
+    lens = TunedLens(n, d)
+    with torch.no_grad():
+        for block in range(n - 1):  # the last block's output has no translator
+            i = block + 1
+            weight, bias = state.get(f"{i}.weight"), state.get(f"{i}.bias")
+            if weight is None or tuple(weight.shape) != (d, d):
+                raise MlsaeError(f"{folder / 'params.pt'}: translator {i} (our block {block}) has no [{d}, {d}] weight")
+            lens.weight[block].copy_(weight.float())
+            if bias is not None:
+                lens.bias[block].copy_(bias.float())
+    return lens, {"source": "tuned-lens", "model": config.get("base_model_name_or_path"), "n_blocks": n, "d_model": d,
+                  "hash": sha256(folder / "params.pt")}
+
+
+class LensTransform(InputTransform):
+    """The lens's translators for a run's layers, frozen, with (I + W_l)^-1 computed once."""
+
+    name = "tuned_lens"
+
+    def __init__(self, weight: Tensor, bias: Tensor, layers: Sequence[int], lens_hash: str = ""):
+        super().__init__()
+        eye = torch.eye(weight.shape[-1], dtype=torch.float64)
+        inverses = []
+        for layer, W in zip(layers, weight.double()):
+            A = eye + W
+            if torch.linalg.matrix_rank(A) < A.shape[0]:
+                raise MlsaeError(f"the lens's translator at layer {layer} is singular (I + W is not invertible): it cannot be undone")
+            inverses.append(torch.linalg.inv(A))
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.register_buffer("inverses", torch.stack(inverses).float())
+        self.lens_hash = lens_hash
+
+    @classmethod
+    def from_lens(cls, lens: TunedLens, layers: Sequence[int], lens_hash: str = "") -> "LensTransform":
+        bad = [l for l in layers if not 0 <= l < lens.n_blocks]
+        if bad:
+            raise MlsaeError(f"the lens has {lens.n_blocks} blocks, not layer {bad[0]}: it belongs to another model")
+        return cls(lens.weight[list(layers)], lens.bias[list(layers)], layers, lens_hash)
+
+    def forward(self, x):
+        return x + torch.einsum("...ld,lod->...lo", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype), None
+
+    def inverse(self, y, state):
+        return self.inverse_delta(y - self.bias.to(y.dtype), state)
+
+    def inverse_delta(self, dy, state):
+        return torch.einsum("...ld,lod->...lo", dy, self.inverses.to(dy.dtype))
+
+    def forward_delta(self, dx, state):
+        return dx + torch.einsum("...ld,lod->...lo", dx, self.weight.to(dx.dtype))
+
+    def describe(self) -> list[str]:
+        return [f"tuned_lens:{self.lens_hash[:12]}" if self.lens_hash else self.name]

@@ -1,0 +1,102 @@
+"""The tuned lens: translators, their exact inverse, our file format and the tuned-lens package's."""
+
+import json
+
+import pytest
+import torch
+
+from mlsae.errors import MlsaeError
+from mlsae.lens import LensTransform, TunedLens, load_lens
+
+
+def random_lens(n_blocks=4, d=6, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    lens = TunedLens(n_blocks, d)
+    with torch.no_grad():
+        lens.weight.copy_(torch.randn(n_blocks, d, d, generator=g) * scale)
+        lens.bias.copy_(torch.randn(n_blocks, d, generator=g))
+        lens.weight[-1].zero_()
+        lens.bias[-1].zero_()
+    return lens
+
+
+def test_the_inverse_is_exact_and_the_translator_is_x_plus_wx_plus_b():
+    torch.manual_seed(1)
+    lens = random_lens()
+    t = LensTransform.from_lens(lens, [0, 2, 3])
+    x = torch.randn(20, 3, 6, dtype=torch.float64)
+    y, state = t(x)
+    W, b = lens.weight.detach().double(), lens.bias.detach().double()
+    for j, layer in enumerate([0, 2, 3]):
+        assert torch.allclose(y[:, j], x[:, j] + x[:, j] @ W[layer].T + b[layer], atol=1e-6)
+    assert torch.allclose(t.inverse(y, state), x, atol=1e-5)
+    assert torch.allclose(t.inverse_delta(t.forward_delta(x, state), state), x, atol=1e-5)
+    assert torch.equal(y[:, 2], x[:, 2])  # the last block: the identity
+
+
+def test_an_identity_lens_changes_nothing_bit_for_bit():
+    t = LensTransform.from_lens(TunedLens(3, 5), [0, 1, 2])
+    x = torch.randn(10, 3, 5)
+    y, state = t(x)
+    assert torch.equal(y, x) and torch.equal(t.inverse(y, state), x)
+
+
+def test_only_the_last_blocks_translator_stays_the_identity_in_training():
+    lens = TunedLens(3, 4)
+    x = torch.randn(5, 3, 4)
+    lens.translate(x, [0, 1, 2]).pow(2).sum().backward()
+    assert lens.weight.grad[:2].abs().sum() > 0 and lens.weight.grad[2].abs().sum() == 0 and lens.bias.grad[2].abs().sum() == 0
+
+
+def test_our_format_round_trips_with_its_hash(tmp_path):
+    lens = random_lens()
+    h = lens.save(tmp_path / "lens", "tiny", "fp")
+    loaded, meta = load_lens(tmp_path / "lens")
+    assert meta["hash"] == h and meta["model_fingerprint"] == "fp"
+    assert torch.equal(loaded.weight, lens.weight) and torch.equal(loaded.bias, lens.bias)
+
+
+def write_tuned_lens_package_layout(folder, weights, biases, prefix=""):
+    """The tuned-lens package's layout: translator i reads hidden state i (0 = the embeddings)."""
+    folder.mkdir(parents=True)
+    n, d = len(weights), weights[0].shape[0]
+    (folder / "config.json").write_text(json.dumps({
+        "base_model_name_or_path": "tiny", "d_model": d, "num_hidden_layers": n, "bias": True,
+        "base_model_revision": None, "unembed_hash": "x", "lens_type": "linear_tuned_lens"}))
+    state = {}
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        state[f"{prefix}{i}.weight"], state[f"{prefix}{i}.bias"] = w, b
+    torch.save(state, folder / "params.pt")
+
+
+@pytest.mark.parametrize("prefix", ["", "layer_translators."])
+def test_a_lens_in_the_tuned_lens_package_layout_maps_index_i_to_block_i_minus_1(tmp_path, prefix):
+    n, d = 4, 5
+    weights = [torch.full((d, d), float(i)) for i in range(n)]  # translator i's weight is all i
+    biases = [torch.full((d,), 10.0 + i) for i in range(n)]
+    write_tuned_lens_package_layout(tmp_path / "tl", weights, biases, prefix)
+    lens, meta = load_lens(tmp_path / "tl")
+    assert meta["source"] == "tuned-lens" and lens.n_blocks == n
+    for block in range(n - 1):  # block l's output is hidden state l + 1
+        assert torch.all(lens.weight[block] == block + 1) and torch.all(lens.bias[block] == 11.0 + block)
+    assert torch.all(lens.weight[n - 1] == 0) and torch.all(lens.bias[n - 1] == 0)  # the last block: identity
+
+
+def test_bad_lens_files_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    write_tuned_lens_package_layout(tmp_path / "tl", [torch.zeros(3, 3)] * 2, [torch.zeros(3)] * 2)
+    torch.save({"0.weight": Evil()}, tmp_path / "tl" / "params.pt")
+    with pytest.raises(MlsaeError, match="is not a plain tensor file"):
+        load_lens(tmp_path / "tl")
+    with pytest.raises(MlsaeError, match="holds no lens"):
+        load_lens(tmp_path)
+    singular = TunedLens(3, 4)
+    with torch.no_grad():
+        singular.weight[1] = -torch.eye(4)
+    with pytest.raises(MlsaeError, match="translator at layer 1 is singular"):
+        LensTransform.from_lens(singular, [0, 1])
+    with pytest.raises(MlsaeError, match="the lens has 3 blocks, not layer 5"):
+        LensTransform.from_lens(TunedLens(3, 4), [0, 5])
