@@ -100,3 +100,30 @@ def test_bad_lens_files_are_refused(tmp_path):
         LensTransform.from_lens(singular, [0, 1])
     with pytest.raises(MlsaeError, match="the lens has 3 blocks, not layer 5"):
         LensTransform.from_lens(TunedLens(3, 4), [0, 5])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_unembed_of_the_last_block_is_the_models_own_logits(arch):
+    from conftest import tiny_model
+
+    model = tiny_model(arch, n_layers=2)
+    ids = torch.randint(3, model.vocab_size, (2, 9))
+    last = model.capture(ids, [1])[:, :, 0]
+    assert torch.allclose(model.unembed(last), model.logits(ids), atol=1e-4)
+
+
+def test_a_briefly_trained_lens_beats_the_logit_lens_at_every_block():
+    from conftest import tiny_model
+    from mlsae.lens import lens_kl, train_lens
+    from mlsae.text import pack_windows
+
+    model = tiny_model("llama", n_layers=4, seed=2)
+    text = [f"Line {i}: a small model reads some text and predicts {i % 13} things." for i in range(200)]
+    train = list(pack_windows(text, model.tokenizer, 32))
+    lens, train_kl = train_lens(model, iter(train * 4), tokens=4000, lr=3e-3, progress=False)
+    assert len(train_kl) == 4 and train_kl[-1] == 0  # the last block has no translator
+    logit, tuned = lens_kl(model, lens, iter(train[:6]), tokens=150)
+    for block in range(3):
+        assert tuned[block] < logit[block], (block, tuned, logit)
+    assert tuned[3] == pytest.approx(logit[3])  # the identity: the model's own read-out
+    assert logit[3] == pytest.approx(0, abs=1e-5)

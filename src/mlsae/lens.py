@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .config import save_json
 from .errors import MlsaeError
 from .integrity import sha256
+from .model import ResidualModel, special_token_ids
+from .text import keep_mask
 from .transforms import InputTransform
 
 LENS_FORMAT = 1
@@ -171,3 +174,87 @@ class LensTransform(InputTransform):
 
     def describe(self) -> list[str]:
         return [f"tuned_lens:{self.lens_hash[:12]}" if self.lens_hash else self.name]
+
+
+# --------------------------------------------------------------------------------------------
+# Training and measuring a lens
+
+
+def _kl(target_logp: Tensor, logits: Tensor) -> Tensor:
+    """KL(p_target || softmax(logits)) per row."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return (target_logp.exp() * (target_logp - logp)).sum(-1)
+
+
+def _batches(model: ResidualModel, windows: Iterable[Tensor], windows_per_batch: int, exclude_first: bool):
+    """(block outputs at the positions that count ``[N, blocks, d]``, the model's final log-probs there ``[N, vocab]``)."""
+    special = special_token_ids(model.tokenizer)
+    group: list[Tensor] = []
+    for w in windows:
+        group.append(w)
+        if len(group) < windows_per_batch:
+            continue
+        ids = torch.stack(group).to(model.device)
+        group = []
+        keep = keep_mask(ids, special, exclude_first)
+        with torch.no_grad():
+            hidden = model.capture(ids)[keep].float()
+            final = torch.log_softmax(model.logits(ids)[keep].float(), -1)
+        yield hidden, final
+
+
+def train_lens(
+    model: ResidualModel, windows: Iterable[Tensor], tokens: int, lr: float = 1e-3, windows_per_batch: int = 4,
+    exclude_first: bool = True, progress: bool = True,
+) -> tuple[TunedLens, list[float]]:
+    """Train every block's translator (the last stays the identity) so that the model's final norm
+    and unembedding applied to x + W_l x + b_l match the model's final next-token distribution:
+    Adam on the mean over blocks of KL(p_final || p_lens), over ``tokens`` positions that count.
+    Returns the lens and its mean KL per block over the training tokens."""
+    lens = TunedLens(model.n_layers, model.d_model).to(model.device)
+    opt = torch.optim.Adam(lens.parameters(), lr=lr)
+    trained = model.n_layers - 1
+    kl_sum = torch.zeros(model.n_layers, dtype=torch.float64)
+    seen = 0
+    with tqdm(total=tokens, unit="tok", desc="train lens", disable=not progress) as bar:
+        for hidden, final in _batches(model, windows, windows_per_batch, exclude_first):
+            hidden, final = hidden[: tokens - seen], final[: tokens - seen]
+            opt.zero_grad(set_to_none=True)
+            for block in range(trained):  # one block at a time: one [N, vocab] of logits in memory
+                kl = _kl(final, model.unembed(lens.translate(hidden[:, block : block + 1], [block])[:, 0])).mean()
+                (kl / trained).backward()
+                kl_sum[block] += kl.item() * len(hidden)
+            opt.step()
+            seen += len(hidden)
+            mean = kl_sum[:trained] / seen
+            bar.update(len(hidden))
+            bar.set_postfix(kl=f"{float(mean.mean()):.3f}", first=f"{float(mean[0]):.3f}", last=f"{float(mean[-1]):.3f}")
+            if seen >= tokens:
+                break
+    if seen == 0:
+        raise MlsaeError("the lens's training text gave no tokens")
+    return lens, (kl_sum / seen).tolist()
+
+
+@torch.no_grad()
+def lens_kl(
+    model: ResidualModel, lens: Optional[TunedLens], windows: Iterable[Tensor], tokens: int, windows_per_batch: int = 4,
+    exclude_first: bool = True,
+) -> tuple[list[float], list[float]]:
+    """Mean KL(p_final || p) per block on held-out windows, for the logit lens (the model's final
+    norm and unembedding on the raw residual) and the tuned lens (None: logit lens only)."""
+    logit = torch.zeros(model.n_layers, dtype=torch.float64)
+    tuned = torch.zeros(model.n_layers, dtype=torch.float64)
+    seen = 0
+    for hidden, final in _batches(model, windows, windows_per_batch, exclude_first):
+        hidden, final = hidden[: tokens - seen], final[: tokens - seen]
+        for block in range(model.n_layers):
+            logit[block] += float(_kl(final, model.unembed(hidden[:, block])).sum())
+            if lens is not None:
+                tuned[block] += float(_kl(final, model.unembed(lens.translate(hidden[:, block : block + 1], [block])[:, 0])).sum())
+        seen += len(hidden)
+        if seen >= tokens:
+            break
+    if seen == 0:
+        raise MlsaeError("the held-out text gave no tokens")
+    return (logit / seen).tolist(), (tuned / seen).tolist()

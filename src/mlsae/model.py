@@ -175,6 +175,13 @@ class ResidualModel:
         """Next-token logits ``[batch, pos, vocab]`` of the unmodified model."""
         return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
+    def unembed(self, h: Tensor) -> Tensor:
+        """Logits the model's own final norm and unembedding give for residual vectors ``h: [..., d]``
+        (the logit lens; differentiable in h, for training a tuned lens)."""
+        logits = self.model.get_output_embeddings()(self.final_norm(h))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     @torch.no_grad()
     def logits_from(self, layer: int, residual: Tensor, input_ids: Tensor) -> Tensor:
         """Logits when the output of block ``layer`` is replaced by ``residual: [batch, pos, d]``.
