@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mlsae.errors import MlsaeError
-from mlsae.lens import LensTransform, TunedLens, load_lens
+from mlsae.lens import TunedLens, load_lens
+from mlsae.transforms import LensTransform
 
 
 def random_lens(n_blocks=4, d=6, seed=0, scale=0.3):
@@ -127,3 +128,80 @@ def test_a_briefly_trained_lens_beats_the_logit_lens_at_every_block():
         assert tuned[block] < logit[block], (block, tuned, logit)
     assert tuned[3] == pytest.approx(logit[3])  # the identity: the model's own read-out
     assert logit[3] == pytest.approx(0, abs=1e-5)
+
+
+def test_lens_train_and_eval_from_the_command_line(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from conftest import tiny_model
+    from mlsae.cli import main
+
+    model = tiny_model("llama", n_layers=3, seed=4)
+    model.model.save_pretrained(tmp_path / "m")
+    model.tokenizer.save_pretrained(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("a lens reads each layer as the model's final answer. " * 200)
+    common = ["--model", str(tmp_path / "m"), "--data", str(text), "--ctx", "32", "--device", "cpu", "--windows-per-batch", "4"]
+    assert main(["lens", "train", *common, "--tokens", "1500", "--lr", "0.003", "--out", str(tmp_path / "lens")]) == 0
+    assert "lens trained on 1,500 tokens" in capsys.readouterr().out
+    assert json.loads((tmp_path / "lens" / "train.json").read_text())["tokens"] == 1500
+    assert main(["lens", "eval", *common, "--tokens", "200", "--out", str(tmp_path / "lens")]) == 0
+    kl = pq.read_table(tmp_path / "lens" / "kl.parquet").to_pylist()
+    assert len(kl) == 3 and all(r["kl_tuned_lens"] < r["kl_logit_lens"] for r in kl[:2])
+    capsys.readouterr()
+    assert main(["lens", "train", *common, "--tokens", "100", "--out", str(tmp_path / "lens")]) == 2
+    assert "already holds a lens; pass --overwrite" in capsys.readouterr().err
+    assert main(["lens", "eval", *common, "--layers", "1", "--out", str(tmp_path / "lens")]) == 2
+    assert "--layers: a lens has a translator for every block" in capsys.readouterr().err
+    other = tiny_model("llama", n_layers=3, seed=9)
+    other.model.save_pretrained(tmp_path / "m2")
+    other.tokenizer.save_pretrained(tmp_path / "m2")
+    assert main(["lens", "eval", *common[2:], "--model", str(tmp_path / "m2"), "--out", str(tmp_path / "lens")]) == 2
+    assert "was trained on another model" in capsys.readouterr().err
+    assert main(["lens", "fit", *common, "--out", str(tmp_path / "x")]) == 2
+    assert "expected one of train, eval" in capsys.readouterr().err
+
+
+def test_training_with_a_lens_identity_equals_no_lens_and_a_changed_lens_is_refused(tmp_path):
+    """An identity lens gives a bit-identical run; a trained lens changes the coder's input; a
+    lens for another model or changed since the run recorded it is refused."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_model
+    from mlsae.config import TrainConfig
+    from mlsae.lens import TunedLens
+    from mlsae.train import train
+
+    model = tiny_model("llama", n_layers=3, seed=0)
+    text = tmp_path / "t.txt"
+    text.write_text("the lens translates each layer before the coder reads it. " * 120)
+
+    def cfg(out, **kw):
+        base = dict(out=str(tmp_path / out), data=str(text), expansion_factor=2, k=4, tokens=256, tokens_per_step=64,
+                    micro_batch_tokens=64, lr=3e-3, ctx=32, device="cpu", init_tokens=64, decoder_impl="sparse")
+        return TrainConfig(**{**base, **kw})
+
+    TunedLens(3, model.d_model).save(tmp_path / "identity", model.name, model.fingerprint())
+    random_lens(3, model.d_model, seed=3, scale=0.05).save(tmp_path / "lens", model.name, model.fingerprint())
+    train(cfg("plain"), model=model)
+    train(cfg("identity", lens=str(tmp_path / "identity")), model=model)
+    train(cfg("lensed", lens=str(tmp_path / "lens")), model=model)
+    plain, ident, lensed = (load_file(str(tmp_path / n / "sae.safetensors")) for n in ("plain", "identity", "lensed"))
+    assert torch.equal(plain["sae.W_enc"], ident["sae.W_enc"]) and torch.equal(plain["sae.W_dec"], ident["sae.W_dec"])
+    assert not torch.equal(plain["sae.W_enc"], lensed["sae.W_enc"])
+    meta = json.loads((tmp_path / "lensed" / "config.json").read_text())
+    assert meta["lens"]["source"] == "mlsae" and len(meta["lens"]["sha256"]) == 64
+    assert meta["transforms"][0] == "tuned_lens"
+    from mlsae.sae import load_coder
+
+    coder, _ = load_coder(tmp_path / "lensed")
+    assert torch.allclose(coder.transform.steps[0].weight, random_lens(3, model.d_model, seed=3, scale=0.05).weight.detach())
+    # refused: another model's lens; a lens changed since the run recorded it
+    other = tiny_model("llama", n_layers=3, seed=7)
+    TunedLens(3, other.d_model).save(tmp_path / "other", other.name, other.fingerprint())
+    with pytest.raises(MlsaeError, match="was trained on another model"):
+        train(cfg("x", lens=str(tmp_path / "other")), model=model)
+    assert not (tmp_path / "x").exists()
+    random_lens(3, model.d_model, seed=4).save(tmp_path / "lens", model.name, model.fingerprint())
+    with pytest.raises(MlsaeError, match="is not the lens this run was trained with"):
+        train(cfg("lensed", lens=str(tmp_path / "lens"), tokens=320, resume=True), model=model)

@@ -177,6 +177,7 @@ def write_cache(
         "model_fingerprint": model.fingerprint(),
         "layers": layers,
         "d_model": model.d_model,
+        "n_model_layers": model.n_layers,
         "dtype": dtype,
         "n_tokens": written,
         "n_windows": int(ids.shape[0]),

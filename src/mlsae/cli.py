@@ -161,6 +161,12 @@ def run_demo(cfg: cfgmod.DemoConfig) -> None:
     print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} minutes; open the report: {page.resolve()}")
 
 
+def run_lens(cfg: cfgmod.LensConfig) -> None:
+    from .lens import run_lens_command
+
+    run_lens_command(cfg)
+
+
 # name -> (config class, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
@@ -168,6 +174,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "eval": (cfgmod.EvalConfig, run_eval, "Evaluate runs per layer: FVU, L0, L1, dead latents, delta CE, KL."),
     "analyze": (cfgmod.AnalyzeConfig, run_analyze, "The paper's analyses: drift, layer distributions, examples, geometry."),
     "report": (cfgmod.ReportConfig, run_report, "Write a static HTML report of a run, with figures."),
+    "lens": (cfgmod.LensConfig, run_lens, "Train a tuned lens (lens train), or compare it with the logit lens on held-out text (lens eval)."),
     "demo": (cfgmod.DemoConfig, run_demo, "Run the whole chain offline on SmolLM2 and the built-in corpus."),
 }
 

@@ -93,6 +93,8 @@ class SAEConfig:
     """Which FVU training minimises: standardized (the coder's input, after the transforms above) or raw."""
     decoder_impl: str = "auto"
     """Sparse decode and encoder backward: auto, sparse (k rows per example) or dense."""
+    lens: Optional[str] = None
+    """A tuned lens folder (`mlsae lens train`, or the tuned-lens package's layout): each layer's vector is translated before the encoder and the output mapped back (Lawson et al. eqs. 8-9)."""
     post_bias: bool = False
     """Add a learned per-latent bias to the active latents after TopK (Baskaran & Sklar's experiment)."""
     init_gain: float = 1.0
@@ -210,6 +212,20 @@ class ReportConfig:
 
 
 @dataclass
+class LensConfig(ModelConfig, DataConfig):
+    action: str = "train"
+    """train: fit a tuned lens on --data and save it in --out; eval: the KL per layer of the logit lens and the lens in --out on --data."""
+    tokens: int = 200_000
+    """Positions that count read (train: training tokens; eval: held-out tokens)."""
+    lr: float = 1e-3
+    """Adam learning rate of the translators."""
+    out: str = "lens"
+    """Folder of the lens (lens.safetensors, lens.json; eval writes kl.parquet beside them)."""
+    overwrite: bool = False
+    """Replace a lens already in --out."""
+
+
+@dataclass
 class DemoConfig:
     out: str = "mlsae-demo"
     """Folder for the demo's run, evaluation, analysis and report."""
@@ -245,6 +261,7 @@ CHOICES = {
     "model_dtype": ("float32", "bfloat16", "float16"),
     "dtype": ("float32", "bfloat16", "float16"),
     "prepend_bos": ("auto", "always", "never"),
+    "action": ("train", "eval"),
 }
 """The values each string setting may take (the arrangement registry and kernels check the same)."""
 
@@ -283,7 +300,7 @@ def validate(cfg) -> None:
         raise MlsaeError(f"--k {k} is larger than --n-latents {n_latents}: expected k <= n_latents")
 
 
-POSITIONAL = {"run"}
+POSITIONAL = {"run", "action"}
 """Fields given as positional arguments on the command line."""
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +398,7 @@ __all__ = [
     "JointAnalysisConfig",
     "ReportConfig",
     "DemoConfig",
+    "LensConfig",
     "add_arguments",
     "validate",
     "from_namespace",

@@ -3,7 +3,7 @@
 Lawson et al. (section 3.3, eqs. 8-9) pass each layer's residual vector through its
 translator before the encoder and map the decoder's output back with
 x_hat = (I + W_l)^-1 (x_hat' - b_l), the inverse computed once. Here a lens is an input
-transform (:class:`LensTransform`), so training, evaluation and analysis all reach the same
+transform (:class:`mlsae.transforms.LensTransform`), so training, evaluation and analysis all reach the same
 space through the coder.
 
 Layer numbering. Ours is the output of block l (0-based), the last block's taken before the
@@ -33,7 +33,6 @@ from .errors import MlsaeError
 from .integrity import sha256
 from .model import ResidualModel, special_token_ids
 from .text import keep_mask
-from .transforms import InputTransform
 
 LENS_FORMAT = 1
 
@@ -134,48 +133,6 @@ def _load_tuned_lens_package(folder: Path) -> tuple[TunedLens, dict]:
                   "hash": sha256(folder / "params.pt")}
 
 
-class LensTransform(InputTransform):
-    """The lens's translators for a run's layers, frozen, with (I + W_l)^-1 computed once."""
-
-    name = "tuned_lens"
-
-    def __init__(self, weight: Tensor, bias: Tensor, layers: Sequence[int], lens_hash: str = ""):
-        super().__init__()
-        eye = torch.eye(weight.shape[-1], dtype=torch.float64)
-        inverses = []
-        for layer, W in zip(layers, weight.double()):
-            A = eye + W
-            if torch.linalg.matrix_rank(A) < A.shape[0]:
-                raise MlsaeError(f"the lens's translator at layer {layer} is singular (I + W is not invertible): it cannot be undone")
-            inverses.append(torch.linalg.inv(A))
-        self.register_buffer("weight", weight.detach().float().clone())
-        self.register_buffer("bias", bias.detach().float().clone())
-        self.register_buffer("inverses", torch.stack(inverses).float())
-        self.lens_hash = lens_hash
-
-    @classmethod
-    def from_lens(cls, lens: TunedLens, layers: Sequence[int], lens_hash: str = "") -> "LensTransform":
-        bad = [l for l in layers if not 0 <= l < lens.n_blocks]
-        if bad:
-            raise MlsaeError(f"the lens has {lens.n_blocks} blocks, not layer {bad[0]}: it belongs to another model")
-        return cls(lens.weight[list(layers)], lens.bias[list(layers)], layers, lens_hash)
-
-    def forward(self, x):
-        return x + torch.einsum("...ld,lod->...lo", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype), None
-
-    def inverse(self, y, state):
-        return self.inverse_delta(y - self.bias.to(y.dtype), state)
-
-    def inverse_delta(self, dy, state):
-        return torch.einsum("...ld,lod->...lo", dy, self.inverses.to(dy.dtype))
-
-    def forward_delta(self, dx, state):
-        return dx + torch.einsum("...ld,lod->...lo", dx, self.weight.to(dx.dtype))
-
-    def describe(self) -> list[str]:
-        return [f"tuned_lens:{self.lens_hash[:12]}" if self.lens_hash else self.name]
-
-
 # --------------------------------------------------------------------------------------------
 # Training and measuring a lens
 
@@ -258,3 +215,45 @@ def lens_kl(
     if seen == 0:
         raise MlsaeError("the held-out text gave no tokens")
     return (logit / seen).tolist(), (tuned / seen).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The ``mlsae lens`` command
+
+
+def run_lens_command(cfg) -> None:
+    """``mlsae lens train``: fit and save a lens; ``mlsae lens eval``: KL per layer, logit lens against it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .model import load_model
+    from .text import check_source, data_windows
+
+    out = Path(cfg.out)
+    if cfg.layers is not None:
+        raise MlsaeError("--layers: a lens has a translator for every block; leave --layers out")
+    if cfg.action == "train" and (out / "lens.json").exists() and not cfg.overwrite:
+        raise MlsaeError(f"{out} already holds a lens; pass --overwrite to replace it")
+    if cfg.action == "eval" and not (out / "lens.json").is_file():
+        raise MlsaeError(f"{out} holds no lens trained here (lens.json): train one with `mlsae lens train --out {out}`")
+    check_source(cfg.data)
+    model = load_model(cfg.model, cfg.model_dtype, cfg.device)
+    windows = data_windows(cfg, model.tokenizer)
+    if cfg.action == "train":
+        lens, kl = train_lens(model, windows, cfg.tokens, cfg.lr, cfg.windows_per_batch, cfg.exclude_first_position)
+        digest = lens.save(out, model.name, model.fingerprint())
+        save_json(out / "train.json", {"tokens": cfg.tokens, "lr": cfg.lr, "data": cfg.data, "kl_per_block": kl})
+        print(f"lens trained on {cfg.tokens:,} tokens: mean KL {sum(kl[:-1]) / max(len(kl) - 1, 1):.4f} over the translated "
+              f"blocks; saved in {out} (sha256 {digest[:12]})")
+        return
+    lens, meta = load_lens(out)
+    if meta.get("model_fingerprint") not in (None, model.fingerprint()):
+        raise MlsaeError(f"the lens in {out} was trained on another model ({meta.get('model')}), not {model.name}")
+    if lens.n_blocks != model.n_layers or lens.d_model != model.d_model:
+        raise MlsaeError(f"the lens in {out} has {lens.n_blocks} blocks of {lens.d_model}, the model {model.n_layers} of {model.d_model}")
+    logit, tuned = lens_kl(model, lens.to(model.device), windows, cfg.tokens, cfg.windows_per_batch, cfg.exclude_first_position)
+    table = pa.table({"layer": list(range(model.n_layers)), "kl_logit_lens": logit, "kl_tuned_lens": tuned})
+    pq.write_table(table, out / "kl.parquet")
+    for layer, a, b in zip(range(model.n_layers), logit, tuned):
+        print(f"layer {layer:3d}  KL logit lens {a:8.4f}  tuned lens {b:8.4f}")
+    print(f"written to {out / 'kl.parquet'}")

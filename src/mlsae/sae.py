@@ -243,7 +243,20 @@ class SparseCoder(nn.Module):
         self.n_latents = n_latents
         self.k_aux = cfg.k_aux or default_k_aux(self.d_in)
         self.impl = resolve_impl(cfg.decoder_impl)
-        self.transform = build_transforms(cfg.standardize, cfg.center_layers, len(self.layers), d_model)
+        self.transform = build_transforms(cfg.standardize, cfg.center_layers, len(self.layers), d_model, lens=cfg.lens is not None)
+
+    @torch.no_grad()
+    def set_lens(self, lens) -> None:
+        """Put a :class:`mlsae.lens.TunedLens`'s translators for this coder's layers into its
+        transforms (before :meth:`initialise`; a coder built with ``cfg.lens`` only)."""
+        from .transforms import LensTransform
+
+        steps = [i for i, t in enumerate(self.transform.steps) if isinstance(t, LensTransform)]
+        if not steps:
+            raise MlsaeError("this coder was built without a lens (cfg.lens is not set)")
+        if lens.d_model != self.d_model:
+            raise MlsaeError(f"the lens reads vectors of {lens.d_model}, the model's are {self.d_model}: it belongs to another model")
+        self.transform.steps[steps[0]] = LensTransform.from_lens(lens, self.layers).to(self.transform.steps[steps[0]].weight.device)
 
     def input_size(self) -> int:
         """Size of one example a dictionary reads: d_model, unless the arrangement joins layers."""
@@ -546,6 +559,7 @@ def save_coder(
 
 LEGACY_SAE_SETTINGS = {
     "center_layers": False, "b_pre_init": "zero", "auxk_norm": "input", "n_latents": None, "post_bias": False, "init_gain": 1.0,
+    "lens": None,
 }
 """What runs saved before these settings existed did: no centring, b_pre from zero, latents from
 the expansion factor, no post-activation bias (so a resume that asks for another is refused)."""

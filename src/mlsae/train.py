@@ -28,6 +28,7 @@ from . import checkpoint
 from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
 from .config import SAEConfig, TrainConfig, save_json, subset, to_dict, validate
 from .errors import MlsaeError
+from .lens import load_lens
 from .model import ResidualModel, load_model, resolve_device
 from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
 from .text import check_source, data_windows
@@ -76,6 +77,7 @@ class Trainer:
         if cfg.arch not in ARRANGEMENTS:
             raise MlsaeError(f"arch {cfg.arch!r}: expected one of {', '.join(ARRANGEMENTS)}")
         self.coder: SparseCoder = ARRANGEMENTS[cfg.arch](subset(cfg, SAEConfig), self.d_model, self.layers, cfg.seed)
+        self.lens_info = self._attach_lens() if cfg.lens else None
         self.coder.to(self.device)
         self._check_memory()
         self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
@@ -83,6 +85,17 @@ class Trainer:
         self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
         self.finished = False
         self._prepare_folder()
+
+    def _attach_lens(self) -> dict:
+        """Load ``--lens``, refuse one made for another model, and give the coder its translators."""
+        lens, meta = load_lens(self.cfg.lens)
+        if meta.get("model_fingerprint") not in (None, self.fingerprint):
+            raise MlsaeError(f"--lens {self.cfg.lens} was trained on another model ({meta.get('model')}), not {self.model_name}")
+        n_blocks = self.model.n_layers if self.model is not None else self.cache.manifest.get("n_model_layers")
+        if n_blocks is not None and lens.n_blocks != n_blocks:
+            raise MlsaeError(f"--lens {self.cfg.lens} has {lens.n_blocks} blocks; the model has {n_blocks}: it belongs to another model")
+        self.coder.set_lens(lens)
+        return {"path": str(self.cfg.lens), "sha256": meta["hash"], "source": meta["source"]}
 
     # ---------------------------------------------------------------------------------------
     def _check_settings(self) -> None:
@@ -124,6 +137,8 @@ class Trainer:
         }
         if self.init_info is not None:
             meta["init"] = self.init_info
+        if self.lens_info is not None:
+            meta["lens"] = self.lens_info
         return meta
 
     def _prepare_folder(self) -> None:
@@ -159,6 +174,12 @@ class Trainer:
         if saved["layers"] != self.layers:
             raise MlsaeError(f"--resume: the run in {self.out} was trained on layers {saved['layers']}, not {self.layers}")
         self._check_unchanged({**LEGACY_SAE_SETTINGS, **saved["sae"], **saved.get("train", {})})
+        recorded = (saved.get("lens") or {}).get("sha256")
+        if self.lens_info is not None and recorded != self.lens_info["sha256"]:
+            raise MlsaeError(
+                f"--lens {self.cfg.lens} is not the lens this run was trained with (sha256 {str(recorded)[:12]} recorded, "
+                f"{self.lens_info['sha256'][:12]} now): resume with that lens"
+            )
         self.coder.load_state_dict(coder.state_dict())
         step, tokens, clocks = checkpoint.load_trainer(folder, self.optimizer, self.device)
         self.state = TrainState(step, tokens, clocks)

@@ -15,6 +15,8 @@ transforms, so the loss space cannot differ between them.
   by all layers (eq. 1) cannot centre layers whose means differ; this does, and FVU per layer is
   unchanged by it because FVU measures the error against the variance around the per-layer
   mean, and a constant shift moves neither.
+- :class:`LensTransform`: a tuned lens's translators x' = x + W_l x + b_l (Lawson et al. section
+  3.3, eqs. 8-9; :mod:`mlsae.lens`), frozen, undone with (I + W_l)^-1 computed once.
 - :class:`Pipeline`: a composition, applied in order and inverted in reverse.
 """
 
@@ -162,9 +164,54 @@ class Pipeline(InputTransform):
         return [name for t in self.steps for name in t.describe()]
 
 
-def build_transforms(standardize: bool, center_layers: bool, n_layers: int, d: int) -> Pipeline:
-    """The input transforms a coder's settings ask for, in the order they are applied."""
-    steps: list[InputTransform] = []
+class LensTransform(InputTransform):
+    """The lens's translators for a run's layers, frozen, with (I + W_l)^-1 computed once."""
+
+    name = "tuned_lens"
+
+    def __init__(self, weight: Tensor, bias: Tensor, layers: Sequence[int]):
+        super().__init__()
+        eye = torch.eye(weight.shape[-1], dtype=torch.float64)
+        inverses = []
+        for layer, W in zip(layers, weight.double()):
+            A = eye + W
+            if torch.linalg.matrix_rank(A) < A.shape[0]:
+                raise MlsaeError(f"the lens's translator at layer {layer} is singular (I + W is not invertible): it cannot be undone")
+            inverses.append(torch.linalg.inv(A))
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.register_buffer("inverses", torch.stack(inverses).float())
+
+    @classmethod
+    def from_lens(cls, lens, layers: Sequence[int]) -> "LensTransform":
+        """The translators of ``layers`` from a :class:`mlsae.lens.TunedLens`."""
+        bad = [l for l in layers if not 0 <= l < lens.n_blocks]
+        if bad:
+            raise MlsaeError(f"the lens has {lens.n_blocks} blocks, not layer {bad[0]}: it belongs to another model")
+        return cls(lens.weight[list(layers)], lens.bias[list(layers)], layers)
+
+    @classmethod
+    def identity(cls, n_layers: int, d: int) -> "LensTransform":
+        """A placeholder of the right shape, filled by loading a coder's saved state."""
+        return cls(torch.zeros(n_layers, d, d), torch.zeros(n_layers, d), list(range(n_layers)))
+
+    def forward(self, x):
+        return x + torch.einsum("...ld,lod->...lo", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype), None
+
+    def inverse(self, y, state):
+        return self.inverse_delta(y - self.bias.to(y.dtype), state)
+
+    def inverse_delta(self, dy, state):
+        return torch.einsum("...ld,lod->...lo", dy, self.inverses.to(dy.dtype))
+
+    def forward_delta(self, dx, state):
+        return dx + torch.einsum("...ld,lod->...lo", dx, self.weight.to(dx.dtype))
+
+
+def build_transforms(standardize: bool, center_layers: bool, n_layers: int, d: int, lens: bool = False) -> Pipeline:
+    """The input transforms a coder's settings ask for, in the order they are applied: the tuned
+    lens on the model's own vectors, then standardising, then centring."""
+    steps: list[InputTransform] = [LensTransform.identity(n_layers, d)] if lens else []
     if standardize:
         steps.append(Standardize())
     if center_layers:
