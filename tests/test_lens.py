@@ -196,6 +196,20 @@ def test_training_with_a_lens_identity_equals_no_lens_and_a_changed_lens_is_refu
 
     coder, _ = load_coder(tmp_path / "lensed")
     assert torch.allclose(coder.transform.steps[0].weight, random_lens(3, model.d_model, seed=3, scale=0.05).weight.detach())
+    # evaluation reports FVU in the lens's space beside the model's; an identity lens reads the same
+    from mlsae.analyze import analyze
+    from mlsae.evaluate import evaluate
+
+    e_id = evaluate(tmp_path / "identity", str(text), tokens=100, downstream_tokens=0, model=model, device="cpu", progress=False)
+    e_lens = evaluate(tmp_path / "lensed", str(text), tokens=100, downstream_tokens=0, model=model, device="cpu", progress=False)
+    assert e_id.column("fvu_lens").to_pylist() == pytest.approx(e_id.column("fvu").to_pylist(), rel=1e-9)
+    assert e_id.column("fvu_lens_standardized").to_pylist() == pytest.approx(e_id.column("fvu_standardized").to_pylist(), rel=1e-9)
+    assert e_lens.column("fvu_lens").to_pylist() != pytest.approx(e_lens.column("fvu").to_pylist(), rel=1e-6)
+    assert "fvu_lens" not in evaluate(tmp_path / "plain", str(text), tokens=50, downstream_tokens=0, model=model, device="cpu",
+                                      progress=False).column_names
+    summary = analyze(tmp_path / "lensed", str(text), tokens=100, model=model, device="cpu", progress=False)
+    plain_summary = analyze(tmp_path / "identity", str(text), tokens=100, model=model, device="cpu", progress=False)
+    assert summary["drift"]["mean_cosine"] != pytest.approx(plain_summary["drift"]["mean_cosine"])  # read through the lens
     # refused: another model's lens; a lens changed since the run recorded it
     other = tiny_model("llama", n_layers=3, seed=7)
     TunedLens(3, other.d_model).save(tmp_path / "other", other.name, other.fingerprint())

@@ -108,13 +108,14 @@ def analyze(
             batch = batch.slice(0, tokens - seen)
             x = batch.acts.to(dev, torch.float32)
             check_finite(x, "analysis data", layers)
-            if drift is None:  # centre by the layer means of the first batch (a few thousand tokens)
-                means = LayerMeans(layers, coder.d_model)
-                means.update(x.cpu())
-                drift = Drift(layers, layer_means=means.result())
             with torch.no_grad():
                 o = coder(x)
-            drift.update(x.cpu())
+                seen_x = (coder.lens_space(x) or (x,))[0].cpu()  # a lens run's analyses read the translated vectors
+            if drift is None:  # centre by the layer means of the first batch (a few thousand tokens)
+                means = LayerMeans(layers, coder.d_model)
+                means.update(seen_x)
+                drift = Drift(layers, layer_means=means.result())
+            drift.update(seen_x)
             activity = coder.activity_by_layer(o.top_acts, o.top_idx).cpu()  # the arrangement's per-layer profile
             at_layers = coder.codes_at_layers(o.top_acts, o.top_idx)[1].cpu()
             dist.update(activity, at_layers)

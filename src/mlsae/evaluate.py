@@ -52,6 +52,7 @@ class ReconstructionStats:
     per_layer_dictionaries: bool
     count: int = 0
     sums: dict = field(default_factory=dict)
+    lens: Optional["ReconstructionStats"] = None
 
     def __post_init__(self) -> None:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
@@ -64,9 +65,25 @@ class ReconstructionStats:
         }
         self.fired = torch.zeros(L, self.n_latents, dtype=torch.bool)
 
-    def update(self, x: Tensor, x_hat: Tensor, top_acts: Tensor, top_idx: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, top_acts: Tensor, top_idx: Tensor,
+               lens_space: Optional[tuple[Tensor, Tensor]] = None) -> None:
         """x, x_hat: [tokens, layers, d] raw; top_acts/top_idx: [tokens, layers, k], the codes
-        seen at each layer (:meth:`SparseCoder.codes_at_layers`: a joint code counts at every layer)."""
+        seen at each layer (:meth:`SparseCoder.codes_at_layers`: a joint code counts at every layer).
+        ``lens_space``: the same pair through a run's tuned lens (columns ``fvu_lens`` and
+        ``fvu_lens_standardized``, the latter the space a lens run's loss is computed in)."""
+        if lens_space is not None:
+            self.lens = self.lens or ReconstructionStats(self.n_layers, self.n_latents, self.per_layer_dictionaries)
+            self.lens._update_errors(*lens_space)
+        self._update_errors(x, x_hat)
+        s = self.sums
+        active = top_acts > 0
+        s["l0"] += active.sum((0, 2)).double()
+        s["l1"] += top_acts.double().sum((0, 2))
+        layer = torch.arange(self.n_layers)[None, :, None].expand_as(top_idx)
+        self.fired[layer[active].cpu(), top_idx[active].cpu()] = True
+        self.count += x.shape[0]
+
+    def _update_errors(self, x: Tensor, x_hat: Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
         xs, mean, std = standardize(x)
         xs_hat = (x_hat - mean) / std
@@ -80,12 +97,6 @@ class ReconstructionStats:
         s["sq_std"] += xs.pow(2).sum((0, 2))
         s["err"] += (x - x_hat).pow(2).sum((0, 2))
         s["err_std"] += (xs - xs_hat).pow(2).sum((0, 2))
-        active = top_acts > 0
-        s["l0"] += active.sum((0, 2)).double()
-        s["l1"] += top_acts.double().sum((0, 2))
-        layer = torch.arange(self.n_layers)[None, :, None].expand_as(top_idx)
-        self.fired[layer[active].cpu(), top_idx[active].cpu()] = True
-        self.count += x.shape[0]
 
     def layer_means(self) -> Tensor:
         """``[layers, d]``: the mean raw residual per layer (the mean-ablation replacement)."""
@@ -113,6 +124,10 @@ class ReconstructionStats:
         }
         var_scalar = s["sq"] - s["x"].sum(1).pow(2) / (n * d)  # sum (x - m)^2, m the layer's scalar mean
         cols["fvu_paper"] = (s["err"] / var_scalar).tolist()
+        if self.lens is not None:
+            self.lens.count = self.count
+            lens = self.lens.table()
+            cols["fvu_lens"], cols["fvu_lens_standardized"] = lens["fvu"][:-1], lens["fvu_standardized"][:-1]
         means = {k: sum(v) / len(v) for k, v in cols.items()}
         if not self.per_layer_dictionaries:  # one dictionary: dead means silent at every layer
             means["dead_fraction"] = float(1 - self.fired.any(0).double().mean())
@@ -274,7 +289,8 @@ def evaluate(
             with torch.no_grad():
                 o = run.coder(x)
             acts, idx = run.coder.codes_at_layers(o.top_acts, o.top_idx)  # L0, L1 and dead per layer
-            stats.update(x.cpu(), o.x_hat.cpu(), acts.cpu(), idx.cpu())
+            lens = run.coder.lens_space(x, o.x_hat)
+            stats.update(x.cpu(), o.x_hat.cpu(), acts.cpu(), idx.cpu(), None if lens is None else (lens[0].cpu(), lens[1].cpu()))
             bar.update(len(batch))
             if stats.count >= tokens:
                 break

@@ -258,6 +258,14 @@ class SparseCoder(nn.Module):
             raise MlsaeError(f"the lens reads vectors of {lens.d_model}, the model's are {self.d_model}: it belongs to another model")
         self.transform.steps[steps[0]] = LensTransform.from_lens(lens, self.layers).to(self.transform.steps[steps[0]].weight.device)
 
+    def lens_space(self, *xs: Tensor) -> Optional[tuple[Tensor, ...]]:
+        """``xs`` (raw ``[tokens, layers, d]``) through the run's tuned lens alone, or None
+        without one: the translated space evaluation and analyses report beside the model's."""
+        from .transforms import LensTransform
+
+        lens = [t for t in self.transform.steps if isinstance(t, LensTransform)]
+        return None if not lens else tuple(lens[0](x)[0] for x in xs)
+
     def input_size(self) -> int:
         """Size of one example a dictionary reads: d_model, unless the arrangement joins layers."""
         return self.d_model
