@@ -210,6 +210,11 @@ def test_training_with_a_lens_identity_equals_no_lens_and_a_changed_lens_is_refu
     summary = analyze(tmp_path / "lensed", str(text), tokens=100, model=model, device="cpu", progress=False)
     plain_summary = analyze(tmp_path / "identity", str(text), tokens=100, model=model, device="cpu", progress=False)
     assert summary["drift"]["mean_cosine"] != pytest.approx(plain_summary["drift"]["mean_cosine"])  # read through the lens
+    from mlsae.report import build_report
+
+    html = build_report(tmp_path / "lensed", compare=[tmp_path / "identity"]).read_text()
+    assert "<h2>Tuned lens</h2>" in html and "mlsae lens eval" in html  # the KL table is missing: says how to fill it
+    assert "Runs side by side" in html and "fvu_lens" in html
     # refused: another model's lens; a lens changed since the run recorded it
     other = tiny_model("llama", n_layers=3, seed=7)
     TunedLens(3, other.d_model).save(tmp_path / "other", other.name, other.fingerprint())

@@ -123,9 +123,13 @@ def build_report(run_dir: str | Path, out: Optional[str | Path] = None, compare:
             r.add(f"<p>The encoder was scaled by {init['encoder_scale']:.4g} on that batch (c = {init['init_gain']}) so the first "
                   f"reconstruction has c times the input's scale: FVU {init['fvu_before_scaling']:.3f} before the scaling, "
                   f"{init['fvu_after_scaling']:.3f} after (in the coder's space).</p>")
+    if meta.get("lens"):
+        _lens(r, meta["lens"])
     _training(r)
     _evaluation(r)
     _analysis(r, meta)
+    if others:
+        _side_by_side(r, {run: meta, **others})
     if others or latent_space_of(meta) == "joint":  # a figure for comparing systems
         _layer_span(r, {run: meta, **others})
     page = out / "index.html"
@@ -173,7 +177,7 @@ def _evaluation(r: Report) -> None:
     if table is None:
         r.missing("evaluation", f"mlsae eval {r.run} --data HELD_OUT_TEXT")
         return
-    cols = ["layer", "fvu", "fvu_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce", "delta_ce_paper",
+    cols = ["layer", "fvu", "fvu_standardized", "fvu_lens", "fvu_lens_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce", "delta_ce_paper",
             "kl", "kl_paper", "loss_recovered_zero", "loss_recovered_mean"]
     layers = table.column("layer").to_pylist()[:-1]
 
@@ -533,3 +537,45 @@ def _layer_span(r: Report, runs: dict[Path, dict]) -> None:
         ax.legend(fontsize=8)
 
     r.figure("layer_span", draw, caption="Layer span of the latents of each run.")
+
+
+def _lens(r: Report, lens: dict) -> None:
+    """A lens run: where its lens came from and, when ``mlsae lens eval`` measured it, its KL per
+    layer against the logit lens."""
+    r.add(f"<h2>Tuned lens</h2><p>Each layer's vector passes through a tuned-lens translator x' = x + W<sub>l</sub> x + "
+          f"b<sub>l</sub> before the encoder, and the output is mapped back with (I + W<sub>l</sub>)<sup>-1</sup> (Lawson et "
+          f"al. eqs. 8-9); the loss is computed on the translated vectors. Lens: <code>{html.escape(lens['path'])}</code> "
+          f"({html.escape(lens['source'])}, sha256 {html.escape(lens['sha256'][:16])}...).</p>")
+    path = Path(lens["path"]) / "kl.parquet"
+    if not path.is_file():
+        r.missing("lens measurement", f"mlsae lens eval --out {lens['path']} --data HELD_OUT_TEXT")
+        return
+    kl = pq.read_table(path)
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot(kl.column("layer").to_pylist(), kl.column("kl_logit_lens").to_pylist(), "o-", ms=3, label="logit lens")
+        ax.plot(kl.column("layer").to_pylist(), kl.column("kl_tuned_lens").to_pylist(), "s-", ms=3, label="tuned lens")
+        ax.set(xlabel="layer", ylabel="KL(final || lens) (nats)", title="how far each layer's read-out is from the model's answer", yscale="log")
+        ax.legend()
+
+    r.figure("lens_kl", draw, caption="KL of the model's final next-token distribution from each layer's read-out, on held-out text.")
+    r.add(_table_html(kl))
+
+
+def _side_by_side(r: Report, runs: dict[Path, dict]) -> None:
+    """The headline numbers of every run given, one row each (eval means and the variance ratio)."""
+    rows = []
+    for folder, meta in runs.items():
+        ev = _read(folder / "eval.parquet")
+        summary_path = folder / "analysis" / "summary.json"
+        layers = json.loads(summary_path.read_text())["layers"] if summary_path.is_file() else {}
+        mean = {c: ev.column(c).to_pylist()[-1] for c in ev.column_names} if ev is not None else {}
+        rows.append({
+            "run": folder.name, "arch": meta["sae"]["arch"], "lens": "yes" if meta.get("lens") else "no",
+            "latents": meta["n_latents"], "k": meta["sae"]["k"], "fvu": mean.get("fvu"), "fvu_standardized": mean.get("fvu_standardized"),
+            "delta_ce": mean.get("delta_ce"), "kl": mean.get("kl"), "dead_fraction": mean.get("dead_fraction"),
+            "variance_ratio": layers.get("variance_ratio"), "variance_ratio_paper": layers.get("variance_ratio_paper"),
+        })
+    r.add("<h2>Runs side by side</h2><p>Means over layers from each run's <code>eval.parquet</code> and the variance ratio "
+          "from its analysis (a dash: not measured yet).</p>" + _table_html(pa.Table.from_pylist(rows)))
