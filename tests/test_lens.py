@@ -224,3 +224,27 @@ def test_training_with_a_lens_identity_equals_no_lens_and_a_changed_lens_is_refu
     random_lens(3, model.d_model, seed=4).save(tmp_path / "lens", model.name, model.fingerprint())
     with pytest.raises(MlsaeError, match="is not the lens this run was trained with"):
         train(cfg("lensed", lens=str(tmp_path / "lens"), tokens=320, resume=True), model=model)
+
+
+@pytest.mark.parametrize("arch", ["per-layer", "concat"])
+def test_every_arrangement_trains_through_a_lens(tmp_path, arch):
+    from conftest import tiny_model
+    from mlsae.config import TrainConfig
+    from mlsae.sae import load_coder
+    from mlsae.train import train
+
+    model = tiny_model("llama", n_layers=3, seed=0)
+    (tmp_path / "t.txt").write_text("every arrangement reads through the lens. " * 100)
+    lens = random_lens(3, model.d_model, seed=5, scale=0.05)
+    lens.save(tmp_path / "lens", model.name, model.fingerprint())
+    train(TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "t.txt"), arch=arch, n_latents=48, k=4, tokens=128,
+                      tokens_per_step=64, micro_batch_tokens=64, ctx=32, device="cpu", init_tokens=64, lens=str(tmp_path / "lens"),
+                      layers=[0, 2]), model=model)
+    coder, meta = load_coder(tmp_path / "run")
+    assert meta["transforms"][0] == "tuned_lens"
+    assert torch.allclose(coder.transform.steps[0].weight, lens.weight.detach()[[0, 2]])
+    x = model.capture(torch.randint(3, model.vocab_size, (1, 10)), [0, 2])[0]
+    with torch.no_grad():
+        out = coder(x)
+    y, state = coder.transform(x)
+    assert torch.allclose(coder.transform.inverse(y, state), x, atol=1e-4) and out.x_hat.shape == x.shape
