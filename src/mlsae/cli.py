@@ -84,7 +84,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
             cfg.batch_tokens, out, ablations=cfg.ablations, paper_definitions=cfg.paper_definitions,
             allow_unfinished=cfg.allow_unfinished,
         )
-        shown = [c for c in ("layer", "fvu", "fvu_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce",
+        shown = [c for c in ("layer", "fvu", "fvu_standardized", "fvu_lens_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce",
                              "delta_ce_paper", "kl", "kl_paper", "loss_recovered_zero") if c in tables[name].column_names]
         print(format_table(tables[name], shown))
     if len(runs) > 1:
