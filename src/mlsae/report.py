@@ -416,8 +416,10 @@ def _joint(r: Report, folder: Path) -> None:
     trigger = np.array(lat.column("trigger_layer").to_pylist())
     order = np.lexsort((rate, trigger))  # by trigger bucket, then least active first
     order = order[active[order]]
-    if len(order) > 4000:  # an even subsample keeps the picture and the file small
-        order = order[np.linspace(0, len(order) - 1, 4000).astype(int)]
+    n_active = len(order)
+    if n_active > 4000:  # an even subsample keeps the picture and the file small
+        order = order[np.linspace(0, n_active - 1, 4000).astype(int)]
+    shown_label = f"{len(order):,} of the {n_active:,} active latents" if len(order) < n_active else f"active latents ({n_active:,})"
     r.add("<h3>Banding: where latents read and write</h3>")
     r.add(f"<p>{int(active.sum()):,} of {n:,} latents fired on the analysed tokens ({int((~active).sum()):,} never did). Each "
           "column is an active latent; the colour is the norm of its encoder (left) or decoder (right) block at each layer, "
@@ -434,7 +436,7 @@ def _joint(r: Report, folder: Path) -> None:
             for b in bounds:
                 ax.axvline(b, color="white", lw=0.6)
             ax.set_yticks(range(L), [str(v) for v in layers])
-            ax.set(xlabel=f"active latents ({len(order):,}) by trigger layer, then rate", ylabel="layer", title=f"{name} block norms")
+            ax.set(xlabel=f"{shown_label} by trigger layer, then rate", ylabel="layer", title=f"{name} block norms")
             fig.colorbar(im, ax=ax)
 
     r.figure("banding", draw, size=(11, 4), caption="Encoder and decoder block norms per layer, each latent relative to its largest block.")
