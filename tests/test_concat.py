@@ -24,7 +24,7 @@ def concat(n_layers=3, d=8, **kw):
 
 def total_variance(v):
     v = v.double().reshape(len(v), -1)
-    return float((v - v.mean(0)).pow(2).sum() / (len(v) - 1))
+    return float((v - v.mean(0)).pow(2).sum().detach() / (len(v) - 1))
 
 
 def test_concat_codes_one_row_per_token_and_reconstructs_every_layer():

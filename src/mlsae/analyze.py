@@ -154,7 +154,7 @@ def analyze(
     else:
         summary["geometry"] = None  # per-layer and joint dictionaries have no shared mean layer to compare
     if coder.latent_space == "joint":
-        n_tokens = torch.from_numpy(tables["latents"].column("n_tokens").to_numpy())
+        n_tokens = torch.tensor(tables["latents"].column("n_tokens").to_numpy())
         tables_joint, summary["joint"] = joint_analyses(model, run, joint, windows_t, excl, n_tokens, seen, progress, batch_tokens)
         written.update(tables_joint)
     if prompts:
