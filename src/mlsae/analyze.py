@@ -116,8 +116,7 @@ def analyze(
                 means.update(seen_x)
                 drift = Drift(layers, layer_means=means.result())
             drift.update(seen_x)
-            activity = coder.activity_by_layer(o.top_acts, o.top_idx).cpu()  # the arrangement's per-layer profile
-            at_layers = coder.codes_at_layers(o.top_acts, o.top_idx)[1].cpu()
+            activity, at_layers = (t.cpu() for t in coder.layer_profile(o.top_acts, o.top_idx))  # the arrangement's per-layer profile
             dist.update(activity, at_layers)
             examples.update(activity, at_layers, batch.token_ids, batch.window, batch.position)
             seen += len(batch)
@@ -184,8 +183,7 @@ def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], 
         acts = model.capture(ids, coder.layers)[0][keep]  # [kept positions, layers, d]
         with torch.no_grad():
             o = coder(acts.float())
-        heat = prompt_heatmap(coder.activity_by_layer(o.top_acts, o.top_idx).cpu(),
-                              coder.codes_at_layers(o.top_acts, o.top_idx)[1].cpu(), coder.n_latents)
+        heat = prompt_heatmap(*(t.cpu() for t in coder.layer_profile(o.top_acts, o.top_idx)), coder.n_latents)
         for r, latent in enumerate(heat.latents):
             for c, layer in enumerate(coder.layers):
                 rows["prompt"].append(text)
@@ -267,7 +265,7 @@ def joint_analyses(
         "mean_cosine_by_k": {str(k): c for k, c, b in zip(cosines.column("k").to_pylist(), cosines.column("mean_cosine").to_pylist(),
                                                           cosines.column("trigger_layer").to_pylist()) if b is None},
     }
-    if joint.flow_latents_per_bucket and L > 1:
+    if joint.flow_latents_per_bucket:  # a one-layer run was refused by check_joint_settings
         started = time.perf_counter()
         chosen = sorted({f for layer in layers for f in most_active(latents, joint.flow_latents_per_bucket, layer)})
         ids = windows[: joint.flow_windows, : joint.flow_positions]

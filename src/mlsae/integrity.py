@@ -22,6 +22,17 @@ def write_failure(e: OSError) -> str:
     return "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
+def check_tensors(expected: dict, state: dict, path: str | Path) -> None:
+    """Every tensor ``expected`` names (a module's ``state_dict()``) is in ``state``, read from
+    ``path``, with its shape: a file of other settings or another version is named, not half-loaded."""
+    from .errors import MlsaeError
+
+    for name, tensor in expected.items():
+        if name not in state or state[name].shape != tensor.shape:
+            got = tuple(state[name].shape) if name in state else "missing"
+            raise MlsaeError(f"{path}: tensor {name} is {got}, expected {tuple(tensor.shape)}")
+
+
 def sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 4 MB chunks."""
     h = hashlib.sha256()

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import save_json
 from .errors import MlsaeError
-from .integrity import sha256
+from .integrity import check_tensors, sha256
 from .model import ResidualModel, special_token_ids
 from .text import keep_mask
 
@@ -97,10 +97,7 @@ def load_lens(folder: str | Path) -> tuple[TunedLens, dict]:
 
 
 def _load(lens: TunedLens, state: dict, path: Path) -> None:
-    for name, tensor in lens.state_dict().items():
-        if name not in state or state[name].shape != tensor.shape:
-            got = tuple(state[name].shape) if name in state else "missing"
-            raise MlsaeError(f"{path}: tensor {name} is {got}, expected {tuple(tensor.shape)}")
+    check_tensors(lens.state_dict(), state, path)
     lens.load_state_dict({k: state[k] for k in ("weight", "bias")})
 
 
@@ -133,6 +130,15 @@ def _load_tuned_lens_package(folder: Path) -> tuple[TunedLens, dict]:
                   "hash": sha256(folder / "params.pt")}
 
 
+def check_lens_for(lens: TunedLens, meta: dict, where: str, model_name: str, fingerprint: str, n_blocks: Optional[int]) -> None:
+    """Refuse a lens (``meta`` from :func:`load_lens`) made for another model: another fingerprint
+    (lenses saved here record it) or another number of blocks (when ``n_blocks`` is known)."""
+    if meta.get("model_fingerprint") not in (None, fingerprint):
+        raise MlsaeError(f"{where} was trained on another model ({meta.get('model')}), not {model_name}")
+    if n_blocks is not None and lens.n_blocks != n_blocks:
+        raise MlsaeError(f"{where} has {lens.n_blocks} blocks; the model has {n_blocks}: it belongs to another model")
+
+
 # --------------------------------------------------------------------------------------------
 # Training and measuring a lens
 
@@ -147,17 +153,25 @@ def _batches(model: ResidualModel, windows: Iterable[Tensor], windows_per_batch:
     """(block outputs at the positions that count ``[N, blocks, d]``, the model's final log-probs there ``[N, vocab]``)."""
     special = special_token_ids(model.tokenizer)
     group: list[Tensor] = []
-    for w in windows:
-        group.append(w)
-        if len(group) < windows_per_batch:
-            continue
+
+    def read(group: list[Tensor]) -> tuple[Tensor, Tensor]:
         ids = torch.stack(group).to(model.device)
-        group = []
         keep = keep_mask(ids, special, exclude_first)
         with torch.no_grad():
-            hidden = model.capture(ids)[keep].float()
-            final = torch.log_softmax(model.logits(ids)[keep].float(), -1)
-        yield hidden, final
+            return model.capture(ids)[keep].float(), torch.log_softmax(model.logits(ids)[keep].float(), -1)
+
+    for w in windows:
+        group.append(w)
+        if len(group) == windows_per_batch:
+            yield read(group)
+            group = []
+    if group:  # the last, shorter batch
+        yield read(group)
+
+
+def _lens_logits(model: ResidualModel, lens: TunedLens, hidden: Tensor, block: int) -> Tensor:
+    """The model's read-out of block ``block``'s translated vectors (``hidden: [N, blocks, d]``)."""
+    return model.unembed(lens.translate(hidden[:, block : block + 1], [block])[:, 0])
 
 
 def train_lens(
@@ -178,7 +192,7 @@ def train_lens(
             hidden, final = hidden[: tokens - seen], final[: tokens - seen]
             opt.zero_grad(set_to_none=True)
             for block in range(trained):  # one block at a time: one [N, vocab] of logits in memory
-                kl = _kl(final, model.unembed(lens.translate(hidden[:, block : block + 1], [block])[:, 0])).mean()
+                kl = _kl(final, _lens_logits(model, lens, hidden, block)).mean()
                 (kl / trained).backward()
                 kl_sum[block] += kl.item() * len(hidden)
             opt.step()
@@ -208,7 +222,7 @@ def lens_kl(
         for block in range(model.n_layers):
             logit[block] += float(_kl(final, model.unembed(hidden[:, block])).sum())
             if lens is not None:
-                tuned[block] += float(_kl(final, model.unembed(lens.translate(hidden[:, block : block + 1], [block])[:, 0])).sum())
+                tuned[block] += float(_kl(final, _lens_logits(model, lens, hidden, block)).sum())
         seen += len(hidden)
         if seen >= tokens:
             break
@@ -247,10 +261,9 @@ def run_lens_command(cfg) -> None:
               f"blocks; saved in {out} (sha256 {digest[:12]})")
         return
     lens, meta = load_lens(out)
-    if meta.get("model_fingerprint") not in (None, model.fingerprint()):
-        raise MlsaeError(f"the lens in {out} was trained on another model ({meta.get('model')}), not {model.name}")
-    if lens.n_blocks != model.n_layers or lens.d_model != model.d_model:
-        raise MlsaeError(f"the lens in {out} has {lens.n_blocks} blocks of {lens.d_model}, the model {model.n_layers} of {model.d_model}")
+    check_lens_for(lens, meta, f"the lens in {out}", model.name, model.fingerprint(), model.n_layers)
+    if lens.d_model != model.d_model:
+        raise MlsaeError(f"the lens in {out} reads vectors of {lens.d_model}, the model's are {model.d_model}: it belongs to another model")
     logit, tuned = lens_kl(model, lens.to(model.device), windows, cfg.tokens, cfg.windows_per_batch, cfg.exclude_first_position)
     table = pa.table({"layer": list(range(model.n_layers)), "kl_logit_lens": logit, "kl_tuned_lens": tuned})
     pq.write_table(table, out / "kl.parquet")

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from . import __version__
 from .config import CHOICES, SAEConfig, from_dict, save_json, to_dict
 from .errors import MlsaeError
+from .integrity import check_tensors
 from .kernels import resolve_impl, sparse_decode, topk_encode
-from .transforms import build_transforms
+from .transforms import LensTransform, build_transforms
 
 ARRANGEMENTS: dict[str, type["SparseCoder"]] = {}
 
@@ -245,26 +246,26 @@ class SparseCoder(nn.Module):
         self.impl = resolve_impl(cfg.decoder_impl)
         self.transform = build_transforms(cfg.standardize, cfg.center_layers, len(self.layers), d_model, lens=cfg.lens is not None)
 
+    def _lens_step(self) -> Optional[int]:
+        """Where the tuned lens sits in the coder's transforms (None: a coder without one)."""
+        return next((i for i, t in enumerate(self.transform.steps) if isinstance(t, LensTransform)), None)
+
     @torch.no_grad()
     def set_lens(self, lens) -> None:
         """Put a :class:`mlsae.lens.TunedLens`'s translators for this coder's layers into its
         transforms (before :meth:`initialise`; a coder built with ``cfg.lens`` only)."""
-        from .transforms import LensTransform
-
-        steps = [i for i, t in enumerate(self.transform.steps) if isinstance(t, LensTransform)]
-        if not steps:
+        i = self._lens_step()
+        if i is None:
             raise MlsaeError("this coder was built without a lens (cfg.lens is not set)")
         if lens.d_model != self.d_model:
             raise MlsaeError(f"the lens reads vectors of {lens.d_model}, the model's are {self.d_model}: it belongs to another model")
-        self.transform.steps[steps[0]] = LensTransform.from_lens(lens, self.layers).to(self.transform.steps[steps[0]].weight.device)
+        self.transform.steps[i] = LensTransform.from_lens(lens, self.layers).to(self.transform.steps[i].weight.device)
 
     def lens_space(self, *xs: Tensor) -> Optional[tuple[Tensor, ...]]:
         """``xs`` (raw ``[tokens, layers, d]``) through the run's tuned lens alone, or None
         without one: the translated space evaluation and analyses report beside the model's."""
-        from .transforms import LensTransform
-
-        lens = [t for t in self.transform.steps if isinstance(t, LensTransform)]
-        return None if not lens else tuple(lens[0](x)[0] for x in xs)
+        i = self._lens_step()
+        return None if i is None else tuple(self.transform.steps[i](x)[0] for x in xs)
 
     def input_size(self) -> int:
         """Size of one example a dictionary reads: d_model, unless the arrangement joins layers."""
@@ -324,6 +325,11 @@ class SparseCoder(nn.Module):
         per-layer profile the layer-distribution analyses read. For shared and per-layer
         latents it is their activation there (where they fire)."""
         return top_acts
+
+    def layer_profile(self, top_acts: Tensor, top_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """``[tokens, layers, k]`` (activity, latent index): :meth:`activity_by_layer` with the
+        indices of :meth:`codes_at_layers`, the pair the layer analyses read."""
+        return self.activity_by_layer(top_acts, top_idx), self.codes_at_layers(top_acts, top_idx)[1]
 
     def forward(self, x: Tensor, dead: Optional[Tensor] = None) -> CoderOutput:
         """Transform ``x: [tokens, layers, d]``, code it, map the output back; losses per eq. 7.
@@ -513,10 +519,6 @@ class ConcatSAE(SparseCoder):
         e_hat = None if dead is None else self.sae.auxk_reconstruction(flat, dead, self.k_aux, self.impl)
         return x_hat, top_acts[:, None], top_idx[:, None], None if e_hat is None else e_hat.view(n, n_layers, d), None
 
-    def encoder_blocks(self) -> Tensor:
-        """``[latents, layers, d]``: enc_{f,l}, the part of latent f's encoder row that reads layer l."""
-        return self.sae.W_enc.view(self.n_latents, len(self.layers), self.d_model)
-
     def decoder_blocks(self) -> Tensor:
         """``[latents, layers, d]``: dec_{f,l}, the part of latent f's decoder row written to layer l."""
         return self.sae.W_dec.view(self.n_latents, len(self.layers), self.d_model)
@@ -611,10 +613,6 @@ def load_coder(
     if not weights.is_file():
         raise MlsaeError(f"{folder} holds no sae.safetensors")
     state = load_file(str(weights))
-    expected = coder.state_dict()
-    for name, tensor in expected.items():
-        if name not in state or state[name].shape != tensor.shape:
-            got = tuple(state[name].shape) if name in state else "missing"
-            raise MlsaeError(f"{weights}: tensor {name} is {got}, expected {tuple(tensor.shape)}")
+    check_tensors(coder.state_dict(), state, weights)
     coder.load_state_dict(state)
     return coder.to(device), meta

@@ -28,7 +28,7 @@ from . import checkpoint
 from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
 from .config import SAEConfig, TrainConfig, save_json, subset, to_dict, validate
 from .errors import MlsaeError
-from .lens import load_lens
+from .lens import check_lens_for, load_lens
 from .model import ResidualModel, load_model, resolve_device
 from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
 from .text import check_source, data_windows
@@ -89,11 +89,8 @@ class Trainer:
     def _attach_lens(self) -> dict:
         """Load ``--lens``, refuse one made for another model, and give the coder its translators."""
         lens, meta = load_lens(self.cfg.lens)
-        if meta.get("model_fingerprint") not in (None, self.fingerprint):
-            raise MlsaeError(f"--lens {self.cfg.lens} was trained on another model ({meta.get('model')}), not {self.model_name}")
         n_blocks = self.model.n_layers if self.model is not None else self.cache.manifest.get("n_model_layers")
-        if n_blocks is not None and lens.n_blocks != n_blocks:
-            raise MlsaeError(f"--lens {self.cfg.lens} has {lens.n_blocks} blocks; the model has {n_blocks}: it belongs to another model")
+        check_lens_for(lens, meta, f"--lens {self.cfg.lens}", self.model_name, self.fingerprint, n_blocks)
         self.coder.set_lens(lens)
         return {"path": str(self.cfg.lens), "sha256": meta["hash"], "source": meta["source"]}
 
