@@ -56,13 +56,15 @@ def run_variant(name: str, settings: dict, args, model) -> dict:
     mean = {c: table.column(c).to_pylist()[-1] for c in table.column_names if c != "layer"}
     result = {
         "combo": name,
-        **{k: settings[k] for k in ("arch", "b_pre_init", "center_layers", "auxk_norm", "dead_tokens") if k in settings},
+        **{k: settings[k] for k in ("arch", "b_pre_init", "center_layers", "auxk_norm", "dead_tokens", "lens") if k in settings},
         "initial_fvu_train": config["init"]["fvu"],
         "final_fvu_train": last["fvu"],
         "dead_fraction_train": last["dead_fraction"],
         "heldout_fvu_raw": mean["fvu"],
         "heldout_fvu_standardized": mean["fvu_standardized"],
         "heldout_fvu_paper": mean.get("fvu_paper"),
+        "heldout_fvu_lens": mean.get("fvu_lens"),
+        "heldout_fvu_lens_standardized": mean.get("fvu_lens_standardized"),
         "heldout_dead_fraction": mean["dead_fraction"],
         "heldout_delta_ce": mean.get("delta_ce"),
         "heldout_kl": mean.get("kl"),

@@ -248,3 +248,30 @@ def test_every_arrangement_trains_through_a_lens(tmp_path, arch):
         out = coder(x)
     y, state = coder.transform(x)
     assert torch.allclose(coder.transform.inverse(y, state), x, atol=1e-4) and out.x_hat.shape == x.shape
+
+
+def test_the_lens_gradient_is_the_batch_mean_of_the_kl_whatever_the_chunk(monkeypatch):
+    """Accumulated chunk by chunk (bounded memory), the gradient equals a plain formula on the whole
+    batch: the mean over positions and translated blocks of KL(p_model || p_lens), with the
+    model's own logits as p_model."""
+    from conftest import tiny_model
+    from mlsae import lens as lens_module
+
+    model = tiny_model("llama", n_layers=3, seed=4)
+    ids = torch.randint(3, model.vocab_size, (2, 11))
+    hidden = model.capture(ids).flatten(0, 1)  # [22, blocks, d]
+    lens = random_lens(n_blocks=3, d=model.d_model, seed=1, scale=0.05)
+    target = torch.log_softmax(model.logits(ids).flatten(0, 1), -1)
+    plain = 0
+    for block in range(2):
+        translated = hidden[:, block] + hidden[:, block] @ lens.weight[block].T + lens.bias[block]
+        logp = torch.log_softmax(model.unembed(translated), -1)
+        plain = plain + (target.exp() * (target - logp)).sum(-1).mean() / 2
+    want_w, want_b = torch.autograd.grad(plain, [lens.weight, lens.bias])
+    monkeypatch.setattr(lens_module, "CHUNK_ROWS", 5)  # 22 rows: chunks of 5, the last of 2
+    kl_sum = torch.zeros(3, dtype=torch.float64)
+    lens_module._backward(model, lens, hidden, kl_sum)
+    assert want_w.abs().sum() > 0
+    assert torch.allclose(lens.weight.grad, want_w, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(lens.bias.grad, want_b, rtol=1e-4, atol=1e-7)
+    assert float(kl_sum[0] + kl_sum[1]) / 22 / 2 == pytest.approx(float(plain), rel=1e-5) and kl_sum[2] == 0

@@ -20,6 +20,7 @@ by the sha256 of its weights file; a run records it and refuses another.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -149,16 +150,18 @@ def _kl(target_logp: Tensor, logits: Tensor) -> Tensor:
     return (target_logp.exp() * (target_logp - logp)).sum(-1)
 
 
+CHUNK_ROWS = 2048
+"""Positions whose ``[rows, vocab]`` logits are held at once: memory stays bounded whatever the batch."""
+
+
 def _batches(model: ResidualModel, windows: Iterable[Tensor], windows_per_batch: int, exclude_first: bool):
-    """(block outputs at the positions that count ``[N, blocks, d]``, the model's final log-probs there ``[N, vocab]``)."""
+    """Block outputs at the positions that count, ``[N, blocks, d]``, ``windows_per_batch`` windows at a time."""
     special = special_token_ids(model.tokenizer)
     group: list[Tensor] = []
 
-    def read(group: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def read(group: list[Tensor]) -> Tensor:
         ids = torch.stack(group).to(model.device)
-        keep = keep_mask(ids, special, exclude_first)
-        with torch.no_grad():
-            return model.capture(ids)[keep].float(), torch.log_softmax(model.logits(ids)[keep].float(), -1)
+        return model.capture(ids)[keep_mask(ids, special, exclude_first)].float()
 
     for w in windows:
         group.append(w)
@@ -169,9 +172,32 @@ def _batches(model: ResidualModel, windows: Iterable[Tensor], windows_per_batch:
         yield read(group)
 
 
+def _chunks(model: ResidualModel, hidden: Tensor):
+    """(rows of ``hidden``, the model's final log-probs there ``[rows, vocab]``), CHUNK_ROWS rows at a
+    time. The final distribution is the model's read-out of the last block's output (the model's own
+    logits, tested equal), so the model runs once per batch."""
+    for start in range(0, len(hidden), CHUNK_ROWS):
+        rows = hidden[start : start + CHUNK_ROWS]
+        with torch.no_grad():
+            final = torch.log_softmax(model.unembed(rows[:, -1]).float(), -1)
+        yield rows, final  # outside no_grad: the caller differentiates through the lens
+
+
 def _lens_logits(model: ResidualModel, lens: TunedLens, hidden: Tensor, block: int) -> Tensor:
     """The model's read-out of block ``block``'s translated vectors (``hidden: [N, blocks, d]``)."""
     return model.unembed(lens.translate(hidden[:, block : block + 1], [block])[:, 0])
+
+
+def _backward(model: ResidualModel, lens: TunedLens, hidden: Tensor, kl_sum: Tensor) -> None:
+    """Accumulate in the lens's gradients the gradient of the batch's KL, its mean over the rows of
+    ``hidden: [N, blocks, d]`` and over the translated blocks, chunk by chunk and block by block
+    (one ``[rows, vocab]`` of logits in memory); add each block's summed KL to ``kl_sum``."""
+    trained = lens.n_blocks - 1
+    for rows, final in _chunks(model, hidden):
+        for block in range(trained):
+            kl = _kl(final, _lens_logits(model, lens, rows, block)).sum()
+            (kl / (len(hidden) * trained)).backward()
+            kl_sum[block] += kl.item()
 
 
 def train_lens(
@@ -180,7 +206,8 @@ def train_lens(
 ) -> tuple[TunedLens, list[float]]:
     """Train every block's translator (the last stays the identity) so that the model's final norm
     and unembedding applied to x + W_l x + b_l match the model's final next-token distribution:
-    Adam on the mean over blocks of KL(p_final || p_lens), over ``tokens`` positions that count.
+    Adam on the mean over blocks of KL(p_final || p_lens), over ``tokens`` positions that count,
+    one optimizer step per batch of ``windows_per_batch`` windows.
     Returns the lens and its mean KL per block over the training tokens."""
     lens = TunedLens(model.n_layers, model.d_model).to(model.device)
     opt = torch.optim.Adam(lens.parameters(), lr=lr)
@@ -188,13 +215,10 @@ def train_lens(
     kl_sum = torch.zeros(model.n_layers, dtype=torch.float64)
     seen = 0
     with tqdm(total=tokens, unit="tok", desc="train lens", disable=not progress) as bar:
-        for hidden, final in _batches(model, windows, windows_per_batch, exclude_first):
-            hidden, final = hidden[: tokens - seen], final[: tokens - seen]
+        for hidden in _batches(model, windows, windows_per_batch, exclude_first):
+            hidden = hidden[: tokens - seen]
             opt.zero_grad(set_to_none=True)
-            for block in range(trained):  # one block at a time: one [N, vocab] of logits in memory
-                kl = _kl(final, _lens_logits(model, lens, hidden, block)).mean()
-                (kl / trained).backward()
-                kl_sum[block] += kl.item() * len(hidden)
+            _backward(model, lens, hidden, kl_sum)
             opt.step()
             seen += len(hidden)
             mean = kl_sum[:trained] / seen
@@ -217,12 +241,13 @@ def lens_kl(
     logit = torch.zeros(model.n_layers, dtype=torch.float64)
     tuned = torch.zeros(model.n_layers, dtype=torch.float64)
     seen = 0
-    for hidden, final in _batches(model, windows, windows_per_batch, exclude_first):
-        hidden, final = hidden[: tokens - seen], final[: tokens - seen]
-        for block in range(model.n_layers):
-            logit[block] += float(_kl(final, model.unembed(hidden[:, block])).sum())
-            if lens is not None:
-                tuned[block] += float(_kl(final, _lens_logits(model, lens, hidden, block)).sum())
+    for hidden in _batches(model, windows, windows_per_batch, exclude_first):
+        hidden = hidden[: tokens - seen]
+        for rows, final in _chunks(model, hidden):
+            for block in range(model.n_layers):
+                logit[block] += float(_kl(final, model.unembed(rows[:, block])).sum())
+                if lens is not None:
+                    tuned[block] += float(_kl(final, _lens_logits(model, lens, rows, block)).sum())
         seen += len(hidden)
         if seen >= tokens:
             break
@@ -254,9 +279,12 @@ def run_lens_command(cfg) -> None:
     model = load_model(cfg.model, cfg.model_dtype, cfg.device)
     windows = data_windows(cfg, model.tokenizer)
     if cfg.action == "train":
+        started = time.perf_counter()
         lens, kl = train_lens(model, windows, cfg.tokens, cfg.lr, cfg.windows_per_batch, cfg.exclude_first_position)
         digest = lens.save(out, model.name, model.fingerprint())
-        save_json(out / "train.json", {"tokens": cfg.tokens, "lr": cfg.lr, "data": cfg.data, "kl_per_block": kl})
+        save_json(out / "train.json", {"tokens": cfg.tokens, "lr": cfg.lr, "data": cfg.data, "ctx": cfg.ctx,
+                                       "windows_per_batch": cfg.windows_per_batch, "kl_per_block": kl,
+                                       "seconds": round(time.perf_counter() - started, 1)})
         print(f"lens trained on {cfg.tokens:,} tokens: mean KL {sum(kl[:-1]) / max(len(kl) - 1, 1):.4f} over the translated "
               f"blocks; saved in {out} (sha256 {digest[:12]})")
         return
