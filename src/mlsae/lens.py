@@ -207,23 +207,27 @@ def train_lens(
     """Train every block's translator (the last stays the identity) so that the model's final norm
     and unembedding applied to x + W_l x + b_l match the model's final next-token distribution:
     Adam on the mean over blocks of KL(p_final || p_lens), over ``tokens`` positions that count,
-    one optimizer step per batch of ``windows_per_batch`` windows.
+    one optimizer step per batch of ``windows_per_batch`` windows, the learning rate falling
+    linearly to zero at ``tokens`` (the last steps average out Adam's noise).
     Returns the lens and its mean KL per block over the training tokens."""
     lens = TunedLens(model.n_layers, model.d_model).to(model.device)
     opt = torch.optim.Adam(lens.parameters(), lr=lr)
+    seen = 0
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: max(0.0, 1 - seen / tokens))  # linear to zero at ``tokens``
     trained = model.n_layers - 1
     kl_sum = torch.zeros(model.n_layers, dtype=torch.float64)
-    seen = 0
     with tqdm(total=tokens, unit="tok", desc="train lens", disable=not progress) as bar:
         for hidden in _batches(model, windows, windows_per_batch, exclude_first):
             hidden = hidden[: tokens - seen]
             opt.zero_grad(set_to_none=True)
+            before = kl_sum.clone()
             _backward(model, lens, hidden, kl_sum)
             opt.step()
             seen += len(hidden)
-            mean = kl_sum[:trained] / seen
+            decay.step()
+            batch = (kl_sum - before)[:trained] / len(hidden)  # this batch's KL per block, before its step
             bar.update(len(hidden))
-            bar.set_postfix(kl=f"{float(mean.mean()):.3f}", first=f"{float(mean[0]):.3f}", last=f"{float(mean[-1]):.3f}")
+            bar.set_postfix(kl=f"{float(batch.mean()):.3f}", first=f"{float(batch[0]):.3f}", last=f"{float(batch[-1]):.3f}")
             if seen >= tokens:
                 break
     if seen == 0:
