@@ -54,6 +54,21 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
     )
 
 
+def run_sweep(cfg: cfgmod.SweepConfig) -> None:
+    from .train import sweep
+
+    try:
+        results = sweep(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    width = max(len(name) for name in results)
+    print(f"{'run'.ljust(width)}  {'tokens':>10}  {'FVU':>7}  {'dead':>6}")
+    for name, r in results.items():
+        print(f"{name.ljust(width)}  {r.get('tokens', 0):>10,}  {r.get('fvu', float('nan')):>7.4f}  "
+              f"{100 * r.get('dead_fraction', 0):>5.1f}%")
+    print(f"{len(results)} runs saved in {cfg.out} (each a run folder, as if trained alone)")
+
+
 def run_eval(cfg: cfgmod.EvalConfig) -> None:
     from .evaluate import check_layers, compare, default_downstream_tokens, evaluate, format_table
     from .runs import cache_for, locate_run, require_data
@@ -171,6 +186,7 @@ def run_lens(cfg: cfgmod.LensConfig) -> None:
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
     "train": (cfgmod.TrainConfig, run_train, "Train a multi-layer (or per-layer) TopK sparse autoencoder."),
+    "sweep": (cfgmod.SweepConfig, run_sweep, "Train several coders (arrangements x expansion factors x k x learning rates) from one activation stream: the model runs once."),
     "eval": (cfgmod.EvalConfig, run_eval, "Evaluate runs per layer: FVU, L0, L1, dead latents, delta CE, KL."),
     "analyze": (cfgmod.AnalyzeConfig, run_analyze, "The paper's analyses: drift, layer distributions, examples, geometry."),
     "report": (cfgmod.ReportConfig, run_report, "Write a static HTML report of a run, with figures."),

@@ -136,6 +136,25 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
 
 
 @dataclass
+class SweepConfig(TrainConfig):
+    """``mlsae sweep``: the settings of ``mlsae train``, four of them taking several values; one
+    run is trained for every combination, all from one activation stream."""
+
+    arch: list[str] = dataclasses.field(default_factory=lambda: ["mlsae"])
+    """Arrangements to train (mlsae, per-layer, concat), one run each per combination."""
+    expansion_factor: list[int] = dataclasses.field(default_factory=lambda: [64])
+    """Expansion factors to train (latents per input dimension of the coder)."""
+    k: list[int] = dataclasses.field(default_factory=lambda: [32])
+    """Active latents per example (TopK) to train."""
+    lr: list[float] = dataclasses.field(default_factory=lambda: [1e-4])
+    """Adam learning rates to train."""
+    out: str = "runs/sweep"
+    """Folder of the sweep: one run folder per combination inside it, and sweep.json."""
+
+    SWEPT = ("arch", "expansion_factor", "k", "lr")
+
+
+@dataclass
 class HeldOutConfig:
     run: str = ""
     """Run folder of a trained sparse coder."""
@@ -278,24 +297,26 @@ def validate(cfg) -> None:
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        items = value if isinstance(value, list) else [value]  # a list setting (layers, a sweep's values) item by item
         if f.name in MINIMUM:
-            items = value if isinstance(value, list) else [value]
             low = MINIMUM[f.name]
             bad = [v for v in items if not isinstance(v, int) or isinstance(v, bool) or v < low]
             if bad:
                 raise MlsaeError(f"{_flag(f.name)} {bad[0]!r}: expected a whole number >= {low}")
-        if f.name in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
-            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or (value == 0 and f.name in NON_NEGATIVE_FLOATS))
+        for v in items if f.name in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS else ():
+            ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or (v == 0 and f.name in NON_NEGATIVE_FLOATS))
             if not ok:
                 kind = "positive" if f.name in POSITIVE_FLOATS else "non-negative"
-                raise MlsaeError(f"{_flag(f.name)} {value!r}: expected a finite {kind} number")
-        if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise MlsaeError(f"{_flag(f.name)} {value!r}: expected one of {', '.join(CHOICES[f.name])}")
+                raise MlsaeError(f"{_flag(f.name)} {v!r}: expected a finite {kind} number")
+        for v in items if f.name in CHOICES else ():
+            if v not in CHOICES[f.name]:
+                raise MlsaeError(f"{_flag(f.name)} {v!r}: expected one of {', '.join(CHOICES[f.name])}")
         if f.name == "device" and not (value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())):
             raise MlsaeError(f"--device {value!r}: expected cpu, cuda, cuda:N, mps or auto")
         if f.name == "run" and not value:
             raise MlsaeError("RUN: expected the folder of a trained run")
     n_latents, k = getattr(cfg, "n_latents", None), getattr(cfg, "k", None)
+    k = max(k) if isinstance(k, list) else k
     if n_latents is not None and k is not None and k > n_latents:
         raise MlsaeError(f"--k {k} is larger than --n-latents {n_latents}: expected k <= n_latents")
 
@@ -344,18 +365,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if f.name in skip:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if f.name in POSITIONAL:
             parser.add_argument(f.name, metavar=f.name.upper(), help=docs.get(f.name, ""))
             continue
         flags = ["--" + f.name.replace("_", "-")] + (["-" + f.name] if len(f.name) == 1 else [])
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
         if tp is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            parser.add_argument(*flags, type=item, nargs="+", default=f.default, help=help_text)
+            parser.add_argument(*flags, type=item, nargs="+", default=default, help=help_text)
         else:
-            parser.add_argument(*flags, type=tp, default=f.default, help=help_text, metavar=f.name.upper())
+            parser.add_argument(*flags, type=tp, default=default, help=help_text, metavar=f.name.upper())
 
 
 def from_namespace(cls: type, ns: argparse.Namespace):
@@ -392,6 +414,7 @@ __all__ = [
     "CacheConfig",
     "SAEConfig",
     "TrainConfig",
+    "SweepConfig",
     "HeldOutConfig",
     "EvalConfig",
     "AnalyzeConfig",

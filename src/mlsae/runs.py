@@ -1,5 +1,6 @@
-"""A run folder and the one place that reads it: opening its coder (finished or not), and the
-held-out data that ``eval`` and ``analyze`` both read, packed the way the run's training text was.
+"""A run folder and the one place that reads and writes it: the training files (:class:`RunFolder`),
+opening its coder (finished or not), and the held-out data that ``eval`` and ``analyze`` both
+read, packed the way the run's training text was.
 
 A run folder holds ``config.json`` (the coder's settings, the model, the training settings, the
 input transforms, how the coder was started, ``progress`` and whether training ``finished``),
@@ -9,6 +10,8 @@ latest checkpoint), and what evaluation, analysis and the report write beside th
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,74 @@ from .activations import ActivationBatch, ActivationCache, live_batches
 from .config import DataConfig, from_dict
 from .errors import MlsaeError
 from .model import ResidualModel
-from .sae import SparseCoder, load_coder, read_coder_config
+from .sae import SparseCoder, load_coder, read_coder_config, save_coder
 from .text import check_source, data_windows
+
+
+class RunFolder:
+    """Writes a training run's folder: the coder with its metadata (``config.json``,
+    ``sae.safetensors``), checkpoints (through :mod:`mlsae.checkpoint`) and ``metrics.jsonl``.
+    A trainer hands it what to write; it is the only writer of the folder's training files."""
+
+    FILES = ("config.json", "sae.safetensors", "metrics.jsonl", *checkpoint.NAMES)
+
+    def __init__(self, out: str | Path, model_name: str, fingerprint: str):
+        self.out = Path(out)
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self._metrics = None
+
+    def check_free(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to write over another run unless asked (nothing is touched)."""
+        if (self.out / "config.json").exists() and not (resume or overwrite):
+            raise MlsaeError(f"output folder {self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+    def clear(self) -> None:
+        """Remove an earlier run's training files (``--overwrite``), leaving anything else there."""
+        for name in self.FILES:
+            p = self.out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def save(self, coder: SparseCoder, meta: dict, folder: Optional[Path] = None) -> None:
+        """The coder and its metadata, in the run folder (or ``folder``, a checkpoint being written)."""
+        save_coder(coder, folder or self.out, self.model_name, self.fingerprint, meta)
+
+    def save_checkpoint(self, coder: SparseCoder, meta: dict, optimizer: torch.optim.Optimizer, step: int, tokens: int,
+                        clocks: Tensor) -> None:
+        checkpoint.save(self.out, lambda folder: self.save(coder, meta, folder), optimizer, step, tokens, clocks)
+
+    def latest_checkpoint(self) -> Path:
+        return checkpoint.latest(self.out)
+
+    def log(self, line: dict) -> None:
+        """Append one line to ``metrics.jsonl`` (flushed: a crash loses at most the line being written)."""
+        if self._metrics is None:
+            self._metrics = open(self.out / "metrics.jsonl", "a")
+        self._metrics.write(json.dumps(line) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def drop_metrics_after(self, step: int) -> None:
+        """After a crash, the log may hold steps past the checkpoint: they are about to be redone.
+        The file is rewritten atomically (a temporary file, then renamed)."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            tmp.replace(path)
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a metrics line; None for a blank or torn line (a crash mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""The training loop: losses, dead-latent tracking, decoder normalisation, checkpoints, resume.
+"""Training: a :class:`Trainer` per sparse coder, and :func:`fit`, the loop that feeds one
+activation stream to one trainer (``mlsae train``) or several in lockstep (``mlsae sweep``).
 
-A run folder holds ``config.json`` (the sparse coder's settings, the model it reads and the
-training settings), ``sae.safetensors`` (the final coder), ``metrics.jsonl`` and
-``checkpoint/`` (coder, optimizer and counters, for an exact ``--resume``).
+A trainer holds its coder, optimizer and counters (losses, dead-latent tracking, decoder
+normalisation) and hands what to write to its run folder (:class:`mlsae.runs.RunFolder`):
+``config.json`` (the coder's settings, the model it reads and the training settings),
+``sae.safetensors`` (the final coder), ``metrics.jsonl`` and ``checkpoint/`` (coder, optimizer
+and counters, for an exact ``--resume``). The batches come from an
+:class:`mlsae.stream.ActivationStream`; trainers sharing one see exactly what each would alone.
 """
 
 from __future__ import annotations
@@ -10,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -25,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .activations import ActivationBatch, ActivationCache, RowBuffer, check_finite, live_buffers, rebatch
-from .config import SAEConfig, TrainConfig, save_json, subset, to_dict, validate
+from .activations import ActivationBatch, check_finite
+from .config import SAEConfig, SweepConfig, TrainConfig, save_json, subset, to_dict, validate
 from .errors import MlsaeError
 from .lens import check_lens_for, load_lens
-from .model import ResidualModel, load_model, resolve_device
-from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config, save_coder
-from .text import check_source, data_windows
+from .model import ResidualModel, resolve_device
+from .runs import RunFolder
+from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config
+from .stream import ActivationStream
 
 
 RESUMABLE_CHANGES = frozenset(
@@ -53,27 +56,23 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: Optional[ResidualModel] = None):
-        self.cfg = cfg
+    """One sparse coder in training: its optimizer and counters, stepped on the batches
+    :func:`fit` gives it, and its run folder. ``stream`` is shared when several coders train on
+    one stream (a sweep); without one, the trainer opens its own from ``cfg``. Every setting is
+    checked before anything is written."""
+
+    def __init__(self, cfg: TrainConfig, model: Optional[ResidualModel] = None, stream: Optional[ActivationStream] = None,
+                 prepare_folder: bool = True):
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        self.cfg = cfg
         self._check_settings()
-        wanted = sorted(set(cfg.layers)) if cfg.layers is not None else None
-        self.cache = ActivationCache(cfg.cache, verify=cfg.verify_cache, layers=wanted) if cfg.cache else None
-        if self.cache is not None:
-            self.cfg = cfg = settings_from_cache(cfg, self.cache.manifest)
-            self.layers = self.cache.layers
-            self.d_model = self.cache.manifest["d_model"]
-            self.model_name = self.cache.manifest["model"]
-            self.fingerprint = self.cache.manifest["model_fingerprint"]
-            self.model = None
-        else:
-            check_source(cfg.data)
-            self.model = model or load_model(cfg.model, cfg.model_dtype, cfg.device)
-            self.layers = self.model.check_layers(cfg.layers)
-            self.d_model = self.model.d_model
-            self.model_name = self.model.name
-            self.fingerprint = self.model.fingerprint()
+        self.stream = stream or ActivationStream(cfg, model)
+        self.cfg = cfg = self.stream.settle(cfg)
+        self.layers = self.stream.layers
+        self.d_model = self.stream.d_model
+        self.model_name = self.stream.model_name
+        self.fingerprint = self.stream.fingerprint
         if cfg.arch not in ARRANGEMENTS:
             raise MlsaeError(f"arch {cfg.arch!r}: expected one of {', '.join(ARRANGEMENTS)}")
         self.coder: SparseCoder = ARRANGEMENTS[cfg.arch](subset(cfg, SAEConfig), self.d_model, self.layers, cfg.seed)
@@ -84,13 +83,23 @@ class Trainer:
         self.state = TrainState(tokens_since_fired=torch.zeros(self.coder.latent_shape(), dtype=torch.long, device=self.device))
         self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
         self.finished = False
-        self._prepare_folder()
+        self.label = ""  # names the run in messages when several train at once
+        self.folder = RunFolder(self.out, self.model_name, self.fingerprint)
+        if prepare_folder:  # a sweep builds every trainer first, so a refused one leaves no folder behind
+            self.prepare_folder()
+
+    @property
+    def cache(self):
+        return self.stream.cache
+
+    @property
+    def model(self) -> Optional[ResidualModel]:
+        return self.stream.model
 
     def _attach_lens(self) -> dict:
         """Load ``--lens``, refuse one made for another model, and give the coder its translators."""
         lens, meta = load_lens(self.cfg.lens)
-        n_blocks = self.model.n_layers if self.model is not None else self.cache.manifest.get("n_model_layers")
-        check_lens_for(lens, meta, f"--lens {self.cfg.lens}", self.model_name, self.fingerprint, n_blocks)
+        check_lens_for(lens, meta, f"--lens {self.cfg.lens}", self.model_name, self.fingerprint, self.stream.n_blocks)
         self.coder.set_lens(lens)
         return {"path": str(self.cfg.lens), "sha256": meta["hash"], "source": meta["source"]}
 
@@ -138,32 +147,26 @@ class Trainer:
             meta["lens"] = self.lens_info
         return meta
 
-    def _prepare_folder(self) -> None:
-        existing = self.out / "config.json"
-        if existing.exists() and not (self.cfg.resume or self.cfg.overwrite):
-            raise MlsaeError(f"output folder {self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    def prepare_folder(self) -> None:
+        """Start the run folder (or, with ``--resume``, load its newest checkpoint)."""
+        self.folder.check_free(self.cfg.resume, self.cfg.overwrite)
         if self.cfg.resume:
             self._resume()
             return
         if self.cfg.overwrite and self.out.exists():
-            for name in ("config.json", "sae.safetensors", "metrics.jsonl", "checkpoint", "checkpoint.old"):
-                p = self.out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            self.folder.clear()
         self.out.mkdir(parents=True, exist_ok=True)
-        save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
+        self.folder.save(self.coder, self._run_meta())
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints: written to checkpoint.tmp, then swapped in; the previous one survives a crash.
 
     def save_checkpoint(self) -> None:
-        checkpoint.save(
-            self.out,
-            lambda folder: save_coder(self.coder, folder, self.model_name, self.fingerprint, self._run_meta()),
-            self.optimizer, self.state.step, self.state.tokens, self.state.tokens_since_fired,
-        )
+        self.folder.save_checkpoint(self.coder, self._run_meta(), self.optimizer, self.state.step, self.state.tokens,
+                                    self.state.tokens_since_fired)
 
     def _resume(self) -> None:
-        folder = checkpoint.latest(self.out)
+        folder = self.folder.latest_checkpoint()
         saved = read_coder_config(folder)
         if saved["sae"]["arch"] != self.cfg.arch:
             raise MlsaeError(f"--resume: {self.out} holds a {saved['sae']['arch']} run, not {self.cfg.arch}")
@@ -181,7 +184,7 @@ class Trainer:
         step, tokens, clocks = checkpoint.load_trainer(folder, self.optimizer, self.device)
         self.state = TrainState(step, tokens, clocks)
         self.init_info = saved.get("init")
-        self._drop_metrics_after(self.state.step)
+        self.folder.drop_metrics_after(self.state.step)
 
     def _check_unchanged(self, saved: dict) -> None:
         """Refuse a resume whose settings would make the result differ from an uninterrupted run."""
@@ -195,93 +198,20 @@ class Trainer:
                 f"must keep every setting that changes its result (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
             )
 
-    def _drop_metrics_after(self, step: int) -> None:
-        """After a crash, the log may hold steps past the checkpoint: they are about to be redone.
-        The file is rewritten atomically (a temporary file, then renamed)."""
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in lines))
-            tmp.replace(path)
-
-    # ---------------------------------------------------------------------------------------
-    def _buffers(self) -> Iterator[RowBuffer]:
-        """Every epoch's buffers, one epoch after another (seed + epoch shuffles each)."""
-        cfg = self.cfg
-        for epoch in itertools.count():
-            seed = cfg.seed + epoch
-            if self.cache is not None:
-                yield from self.cache.buffers(seed, cfg.shuffle_buffer_mb)
-            else:
-                row_bytes = len(self.layers) * self.d_model * 4
-                windows_per_buffer = max(1, cfg.shuffle_buffer_mb * 2**20 // (row_bytes * cfg.ctx))
-                windows = data_windows(cfg, self.model.tokenizer)
-                yield from live_buffers(
-                    self.model, windows, self.layers, windows_per_buffer, seed, cfg.windows_per_batch, cfg.exclude_first_position
-                )
-
     def train(self) -> dict:
-        cfg = self.cfg
-        micro_per_step = cfg.tokens_per_step // self.micro
-        batches = rebatch(self._buffers(), self.micro, skip_rows=self.state.tokens, drop_last=True)
-        metrics_file = open(self.out / "metrics.jsonl", "a")
-        wandb_run = _start_wandb(cfg) if cfg.wandb else None
-        bar = tqdm(total=cfg.tokens, initial=self.state.tokens, unit="tok", desc=f"train {cfg.arch}", smoothing=0.05)
-        next_checkpoint = (self.state.tokens // cfg.checkpoint_tokens + 1) * cfg.checkpoint_tokens
-        started, start_tokens = time.perf_counter(), self.state.tokens
-        last: dict = {}
-        try:
-            if self.state.step == 0:  # a fresh start: fit the transforms and b_pre, then train on the same batches
-                first = self._initialise(batches, metrics_file)
-                batches = itertools.chain(first, batches)
-            while self.state.tokens < cfg.tokens:
-                # the last step is cut to what was asked: never more tokens than --tokens
-                remaining = cfg.tokens - self.state.tokens
-                micro_batches = list(itertools.islice(batches, min(micro_per_step, -(-remaining // self.micro))))
-                if not micro_batches:
-                    raise MlsaeError("the activation source produced no data")
-                if sum(len(b) for b in micro_batches) > remaining:
-                    micro_batches[-1] = micro_batches[-1].slice(0, remaining - sum(len(b) for b in micro_batches[:-1]))
-                last = self._step(micro_batches)
-                elapsed = time.perf_counter() - started
-                last["tokens_per_s"] = (self.state.tokens - start_tokens) / max(elapsed, 1e-9)
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
-                if wandb_run is not None:
-                    wandb_run.log(last, step=self.state.step)
-                bar.update(last["step_tokens"])
-                bar.set_postfix(loss=f"{last['loss']:.4f}", fvu=f"{last['fvu']:.4f}", dead=f"{100 * last['dead_fraction']:.1f}%")
-                if self.state.tokens >= next_checkpoint:
-                    self.save_checkpoint()
-                    next_checkpoint += cfg.checkpoint_tokens
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_checkpoint()
-            print(f"\ninterrupted: saved a checkpoint at {self.state.tokens:,} tokens; continue with --resume")
-            raise
-        finally:
-            bar.close()
-            metrics_file.close()
-            if wandb_run is not None:
-                wandb_run.finish()
+        """Train on this trainer's own stream; the last step's metrics."""
+        return fit([self])[0]
+
+    def finish(self) -> None:
+        """The last checkpoint and the final coder, recorded as finished."""
         self.save_checkpoint()
         self.finished = True
-        save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
-        return last
+        self.folder.save(self.coder, self._run_meta())
 
-    def _initialise(self, batches: Iterator[ActivationBatch], metrics_file) -> list[ActivationBatch]:
-        """Fit the frozen input transforms and start b_pre on the first ``init_tokens`` tokens; log
-        the initial FVU (step 0). Returns the batches read, which training then uses as usual."""
+    def initialise(self, first: list[ActivationBatch]) -> None:
+        """Fit the frozen input transforms and start b_pre on the first batches (``init_tokens``
+        tokens, which training then uses as usual); log the initial FVU as step 0."""
         cfg = self.cfg
-        first: list[ActivationBatch] = []
-        while sum(len(b) for b in first) < cfg.init_tokens:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            first.append(batch)
-        if not first:
-            raise MlsaeError("the activation source produced no data")
         x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
         check_finite(x, "the first batches", self.layers)
         started = self.coder.initialise(x)
@@ -299,23 +229,21 @@ class Trainer:
             **started,
         }
         del x
-        line = {"step": 0, "tokens": 0, "step_tokens": 0, "loss": float(fvu.mean()), "fvu": float(fvu.mean()), "auxk": 0.0,
-                "fvu_per_layer": self.init_info["fvu_per_layer"], "dead_fraction": 0.0, "tokens_per_s": 0.0}
-        metrics_file.write(json.dumps(line) + "\n")
-        metrics_file.flush()
-        save_coder(self.coder, self.out, self.model_name, self.fingerprint, self._run_meta())
+        self.folder.log({"step": 0, "tokens": 0, "step_tokens": 0, "loss": float(fvu.mean()), "fvu": float(fvu.mean()),
+                         "auxk": 0.0, "fvu_per_layer": self.init_info["fvu_per_layer"], "dead_fraction": 0.0, "tokens_per_s": 0.0})
+        self.folder.save(self.coder, self._run_meta())
+        who = f"{self.label}: " if self.label else ""
         tqdm.write(
-            f"initial FVU {float(fvu.mean()):.3f} (layers {float(fvu.min()):.3f} to {float(fvu.max()):.3f}): b_pre started at "
+            f"{who}initial FVU {float(fvu.mean()):.3f} (layers {float(fvu.min()):.3f} to {float(fvu.max()):.3f}): b_pre started at "
             f"{B_PRE_START[cfg.b_pre_init]}, transforms [{', '.join(self.init_info['transforms'])}], "
             f"on the first {self.init_info['tokens']:,} tokens"
         )
         if "encoder_scale" in started:
             tqdm.write(
-                f"encoder scaled by {started['encoder_scale']:.4g} (c = {started['init_gain']}) so the first reconstruction has "
-                f"the input's scale: FVU {started['fvu_before_scaling']:.3f} before, {started['fvu_after_scaling']:.3f} after "
+                f"{who}encoder scaled by {started['encoder_scale']:.4g} (c = {started['init_gain']}) so the first reconstruction "
+                f"has the input's scale: FVU {started['fvu_before_scaling']:.3f} before, {started['fvu_after_scaling']:.3f} after "
                 f"(in the coder's space)"
             )
-        return first
 
     def _step(self, micro_batches: list[ActivationBatch]) -> dict:
         cfg, coder = self.cfg, self.coder
@@ -360,31 +288,94 @@ class Trainer:
         }
 
 
-def _step_of(line: str) -> Optional[int]:
-    """The step of a metrics line; None for a blank or torn line (a crash mid-write)."""
+def fit(trainers: list[Trainer]) -> list[dict]:
+    """Train ``trainers`` (sharing one stream, one step size and one token budget) in lockstep on
+    the stream's batches; returns each one's last step's metrics. Each trainer sees the batches it
+    would see alone; one resumed further than the others skips the steps it has already taken.
+    Ctrl-C saves every trainer's checkpoint, then stops."""
+    lead = trainers[0]
+    cfg, micro = lead.cfg, lead.micro
+    micro_per_step = cfg.tokens_per_step // micro
+    position = min(t.state.tokens for t in trainers)
+    batches = lead.stream.batches(micro, skip_rows=position)
+    wandb_runs = [_start_wandb(t.cfg) if t.cfg.wandb else None for t in trainers]
+    desc = f"train {cfg.arch}" if len(trainers) == 1 else f"sweep of {len(trainers)}"
+    bar = tqdm(total=cfg.tokens, initial=position, unit="tok", desc=desc, smoothing=0.05)
+    next_checkpoint = [(t.state.tokens // t.cfg.checkpoint_tokens + 1) * t.cfg.checkpoint_tokens for t in trainers]
+    started, start_tokens = time.perf_counter(), position
+    last: list[dict] = [{} for _ in trainers]
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        fresh = [t for t in trainers if t.state.step == 0]
+        if fresh:  # a fresh start: fit the transforms and b_pre, then train on the same batches
+            first = _first_batches(batches, cfg.init_tokens)
+            for t in fresh:
+                t.initialise(first)
+            batches = itertools.chain(first, batches)
+        while position < cfg.tokens:
+            # the last step is cut to what was asked: never more tokens than --tokens
+            remaining = cfg.tokens - position
+            micro_batches = list(itertools.islice(batches, min(micro_per_step, -(-remaining // micro))))
+            if not micro_batches:
+                raise MlsaeError("the activation source produced no data")
+            if sum(len(b) for b in micro_batches) > remaining:
+                micro_batches[-1] = micro_batches[-1].slice(0, remaining - sum(len(b) for b in micro_batches[:-1]))
+            for i, t in enumerate(trainers):
+                if t.state.tokens > position:  # resumed from a later checkpoint: it took this step already
+                    continue
+                last[i] = t._step(micro_batches)
+                last[i]["tokens_per_s"] = (t.state.tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+                t.folder.log(last[i])
+                if wandb_runs[i] is not None:
+                    wandb_runs[i].log(last[i], step=t.state.step)
+            step_tokens = sum(len(b) for b in micro_batches)
+            position += step_tokens
+            bar.update(step_tokens)
+            bar.set_postfix(**_postfix(last))
+            for i, t in enumerate(trainers):
+                if t.state.tokens >= next_checkpoint[i]:
+                    t.save_checkpoint()
+                    next_checkpoint[i] += t.cfg.checkpoint_tokens
+    except KeyboardInterrupt:
+        bar.close()
+        for t in trainers:
+            t.save_checkpoint()
+        print(f"\ninterrupted: saved {'a checkpoint' if len(trainers) == 1 else 'checkpoints'} at {position:,} tokens; "
+              f"continue with --resume")
+        raise
+    finally:
+        bar.close()
+        for i, t in enumerate(trainers):
+            t.folder.close()
+            if wandb_runs[i] is not None:
+                wandb_runs[i].finish()
+    for t in trainers:
+        t.finish()
+    return last
 
 
-def settings_from_cache(cfg: TrainConfig, manifest: dict) -> TrainConfig:
-    """The data settings a cache was captured with, recorded in the run (eval packs held-out text
-    the same way). A value given on the command line that contradicts the cache is refused."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    taken = {}
-    for name in ("ctx", "exclude_first_position", "prepend_bos"):
-        cached, given = manifest.get(name), getattr(cfg, name)
-        if cached is None or given == cached:
-            continue
-        if given != defaults[name]:
-            flag = "--" + name.replace("_", "-")
-            raise MlsaeError(f"{flag} {given!r} contradicts the cache {cfg.cache}, captured with {cached!r}: drop {flag} or recapture")
-        taken[name] = cached
-    for name in ("data", "split"):  # what the activations really came from
-        if manifest.get(name) is not None:
-            taken[name] = manifest[name]
-    return dataclasses.replace(cfg, **taken)
+def _first_batches(batches: Iterator[ActivationBatch], tokens: int) -> list[ActivationBatch]:
+    """The batches that hold the first ``tokens`` tokens (the transforms and b_pre are fitted on them)."""
+    first: list[ActivationBatch] = []
+    while sum(len(b) for b in first) < tokens:
+        batch = next(batches, None)
+        if batch is None:
+            break
+        first.append(batch)
+    if not first:
+        raise MlsaeError("the activation source produced no data")
+    return first
+
+
+def _postfix(last: list[dict]) -> dict:
+    """The progress bar's numbers: one run's loss, FVU and dead share, or a sweep's range of them."""
+    done = [m for m in last if m]
+    if not done:
+        return {}
+    if len(last) == 1:
+        m = done[0]
+        return {"loss": f"{m['loss']:.4f}", "fvu": f"{m['fvu']:.4f}", "dead": f"{100 * m['dead_fraction']:.1f}%"}
+    fvu = [m["fvu"] for m in done]
+    return {"fvu": f"{min(fvu):.4f}-{max(fvu):.4f}", "dead_max": f"{100 * max(m['dead_fraction'] for m in done):.1f}%"}
 
 
 @contextlib.contextmanager
@@ -418,3 +409,41 @@ def train(cfg: TrainConfig, model: Optional[ResidualModel] = None) -> dict:
     result = trainer.train()
     save_json(trainer.out / "train_summary.json", result)
     return result
+
+
+def sweep_runs(cfg: SweepConfig) -> dict[str, TrainConfig]:
+    """One run's settings per combination of the swept values, named by them, in ``cfg.out``."""
+    for name in SweepConfig.SWEPT:
+        values = getattr(cfg, name)
+        if len(set(values)) != len(values):
+            raise MlsaeError(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: each value once")
+    if cfg.n_latents is not None and len(cfg.expansion_factor) > 1:
+        raise MlsaeError("--n-latents fixes the latents of every run: give it or several --expansion-factor values, not both")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}
+    runs = {}
+    for arch, factor, k, lr in itertools.product(cfg.arch, cfg.expansion_factor, cfg.k, cfg.lr):
+        size = f"n{cfg.n_latents}" if cfg.n_latents is not None else f"R{factor}"
+        name = f"{arch}-{size}-k{k}-lr{lr:g}"
+        runs[name] = TrainConfig(**{**base, "arch": arch, "expansion_factor": factor, "k": k, "lr": lr,
+                                    "out": str(Path(cfg.out) / name)})
+    for run in runs.values():
+        validate(run)
+    return runs
+
+
+def sweep(cfg: SweepConfig, model: Optional[ResidualModel] = None) -> dict[str, dict]:
+    """Train every combination of ``cfg``'s swept values from ONE activation stream (the language
+    model runs once for all); each run gets its own folder, the same as if trained alone with
+    ``mlsae train`` and its settings. Returns each run's last step's metrics, by run name."""
+    runs = sweep_runs(cfg)
+    for run in runs.values():  # every folder checked before the model loads
+        RunFolder(run.out, "", "").check_free(run.resume, run.overwrite)
+    stream = ActivationStream(next(iter(runs.values())), model)
+    trainers = [Trainer(run, stream=stream, prepare_folder=False) for run in runs.values()]
+    for name, trainer in zip(runs, trainers):  # every run's settings checked: now write
+        trainer.label = name
+        trainer.prepare_folder()
+    save_json(Path(cfg.out) / "sweep.json", {"sweep": to_dict(cfg), "runs": list(runs)})
+    results = fit(trainers)
+    return dict(zip(runs, results))
