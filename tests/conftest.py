@@ -21,6 +21,12 @@ CORPUS = SHARED_ASSETS / "corpus"
 if SHARED_ASSETS.is_dir():
     os.environ.setdefault("MLSAE_ASSETS_DIR", str(SHARED_ASSETS))
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache(tmp_path_factory):
+    """Tests write nothing into the user's cache (reused ablation baselines): a fresh one per session."""
+    os.environ["MLSAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+
+
 needs_assets = pytest.mark.skipif(
     not SMOLLM2.is_file(), reason="needs ../shared/assets (the real SmolLM2 GGUF and corpus) beside the checkout"
 )

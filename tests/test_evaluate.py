@@ -287,3 +287,42 @@ def test_downstream_reads_only_the_tokens_asked(tmp_path, tiny):
     assert sum(b * p for b, p in seen[:1]) <= 2 * 24 and all(p <= 24 for _, p in seen)  # ctx 24: at most 2 windows
     assert {p for _, p in seen} != {24}  # the last window was cut short
     assert np.isfinite(t.column("delta_ce").to_pylist()[-1])
+
+
+def test_ablation_losses_are_measured_once_and_reused_exactly_for_the_same_model_text_and_means(tmp_path, tiny, monkeypatch):
+    """Zero- and mean-ablation do not depend on the coder: a second run on the same text reuses
+    them (a third of the splices) with identical numbers; other text or another model measures anew."""
+    monkeypatch.setenv("MLSAE_CACHE_DIR", str(tmp_path / "user-cache"))
+    first, second = _run(tmp_path, tiny, "mlsae", "m"), _run(tmp_path, tiny, "per-layer", "p")
+    data = str(tmp_path / "t.jsonl")
+    splices = []
+    real = tiny.logits_from
+
+    def counted(layer, residual, ids):
+        splices.append(layer)
+        return real(layer, residual, ids)
+
+    monkeypatch.setattr(tiny, "logits_from", counted)
+    kw = dict(tokens=120, downstream_tokens=60, model=tiny, device="cpu", progress=False)
+    evaluate(first, data, **kw, out=tmp_path / "e1")
+    full = len(splices)
+    reused = evaluate(second, data, **kw, out=tmp_path / "e2")
+    assert len(splices) - full == full // 3  # only the coder's own splices ran
+    assert len(list((tmp_path / "user-cache" / "ablations").iterdir())) == 1
+    splices.clear()
+    fresh = evaluate(second, data, **kw, out=tmp_path / "e3", reuse_ablations=False)
+    assert len(splices) == full
+    for col in ("ce_zero", "kl_zero", "ce_mean", "kl_mean", "loss_recovered_zero", "loss_recovered_mean", "delta_ce"):
+        assert reused.column(col).to_pylist() == fresh.column(col).to_pylist(), col
+    splices.clear()
+    (tmp_path / "other.jsonl").write_text("\n".join(json.dumps({"text": t.upper()}) for t in TEXT))
+    evaluate(second, str(tmp_path / "other.jsonl"), **kw, out=tmp_path / "e4")  # other text: measured anew
+    assert len(splices) == full
+    splices.clear()
+    other = tiny_model("llama", n_layers=3, seed=9)  # another model on the same text: measured anew
+    from mlsae.evaluate import AblationBaselines
+
+    wins = _windows(tiny)
+    means = torch.zeros(3, 32)
+    assert AblationBaselines(tiny, wins, [0, 1, 2], means, True, 2).path != AblationBaselines(other, wins, [0, 1, 2], means, True, 2).path
+    assert AblationBaselines(tiny, wins, [0, 1, 2], means, True, 2).path != AblationBaselines(tiny, wins, [0, 1, 2], means + 1, True, 2).path

@@ -97,7 +97,7 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         tables[name] = evaluate(
             run, cfg.data, cfg.tokens, downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
             cfg.batch_tokens, out, ablations=cfg.ablations, paper_definitions=cfg.paper_definitions,
-            allow_unfinished=cfg.allow_unfinished,
+            allow_unfinished=cfg.allow_unfinished, reuse_ablations=cfg.reuse_ablations,
         )
         shown = [c for c in ("layer", "fvu", "fvu_standardized", "fvu_lens_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce",
                              "delta_ce_paper", "kl", "kl_paper", "loss_recovered_zero") if c in tables[name].column_names]

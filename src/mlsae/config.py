@@ -181,7 +181,9 @@ class EvalConfig(HeldOutConfig):
     downstream_tokens: Optional[int] = None
     """Tokens for the downstream metrics (delta CE, KL, ablations); 0 skips them (default: the smaller of 4,000 and --tokens)."""
     ablations: bool = True
-    """Also measure zero- and mean-ablation and loss recovered (triples the downstream cost)."""
+    """Also measure zero- and mean-ablation and loss recovered (triples the downstream cost, once: see --reuse-ablations)."""
+    reuse_ablations: bool = True
+    """Reuse zero- and mean-ablation losses measured before on the same model, text, layers and layer means (they do not depend on the coder; stored under $MLSAE_CACHE_DIR/ablations); --no-reuse-ablations measures them again."""
     paper_definitions: bool = False
     """Also report delta CE and KL as the paper's code defines them (every position spliced and scored: columns ending in _paper)."""
     layers: Optional[list[int]] = None

@@ -8,6 +8,8 @@ variant are ever held in memory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .activations import check_finite
+from .assets import cache_dir
 from .config import save_json
 from .integrity import sha256
 from .errors import MlsaeError
@@ -151,6 +154,46 @@ def _ce_kl(logp: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> t
     return float(ce), float(kl), int(m.sum())
 
 
+class AblationBaselines:
+    """The zero- and mean-ablation sums of a downstream evaluation. They depend on the model, the
+    text, the layers, the layer means and the batching, never on the coder, so they are measured
+    once per such key and reused by later runs and by ``--compare``: a JSON file under the user
+    cache (``$MLSAE_CACHE_DIR/ablations``, default ``~/.cache/mlsae/ablations``). A file that
+    cannot be read is measured again."""
+
+    VARIANTS = ("_zero", "_mean")
+
+    def __init__(self, model: ResidualModel, windows: Sequence[Tensor], layers: Sequence[int], layer_means: Tensor,
+                 exclude_first_position: bool, windows_per_batch: int):
+        h = hashlib.sha256()
+        h.update(json.dumps({"format": 1, "model": model.fingerprint(), "dtype": str(model.model.dtype),
+                             "device": model.device.type, "layers": list(layers), "exclude_first": exclude_first_position,
+                             "windows_per_batch": windows_per_batch, "lengths": [len(w) for w in windows]}).encode())
+        for w in windows:
+            h.update(w.to(torch.int64).cpu().numpy().tobytes())
+        h.update(layer_means.detach().float().cpu().numpy().tobytes())
+        self.layers = list(layers)
+        self.path = cache_dir() / "ablations" / f"{h.hexdigest()[:32]}.json"
+
+    def load(self) -> Optional[dict[str, Tensor]]:
+        """The stored sums (``ce_zero``, ``kl_zero``, ``ce_mean``, ``kl_mean``, per layer), or None."""
+        try:
+            saved = json.loads(self.path.read_text())
+            if saved["layers"] != self.layers:
+                return None
+            return {k: torch.tensor(v, dtype=torch.float64) for k, v in saved["sums"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, sums: dict[str, Tensor]) -> None:
+        keep = {k: v.tolist() for k, v in sums.items() if k.endswith(self.VARIANTS)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_json(self.path, {"layers": self.layers, "sums": keep})
+        except OSError:  # a read-only or full cache only costs the reuse
+            pass
+
+
 def downstream(
     model: ResidualModel,
     coder: SparseCoder,
@@ -162,6 +205,7 @@ def downstream(
     progress: bool = True,
     ablations: bool = True,
     paper_definitions: bool = False,
+    reuse_ablations: bool = False,
 ) -> dict[str, list]:
     """CE, delta CE, KL and loss recovered per layer, for spliced, zero- and mean-ablated residuals.
 
@@ -171,7 +215,9 @@ def downstream(
     third of the cost; no loss recovered). ``paper_definitions=True`` adds ``ce_paper``,
     ``delta_ce_paper`` and ``kl_paper``: the reconstruction replaces the residual at EVERY
     position, the first (attention sink) and special tokens included, and every position is
-    scored, as Lawson et al.'s code does.
+    scored, as Lawson et al.'s code does. ``reuse_ablations``: take the zero- and mean-ablation
+    sums from :class:`AblationBaselines` when measured before (and store them when not), so only
+    the coder's own splices run.
     """
     device = model.device
     special = special_token_ids(model.tokenizer)
@@ -179,6 +225,13 @@ def downstream(
     kinds = ("zero", "mean") if ablations else ()
     suffixes = [""] + [f"_{kind}" for kind in kinds] + (["_paper"] if paper_definitions else [])
     sums = {m + s: torch.zeros(len(layers), dtype=torch.float64) for s in suffixes for m in ("ce", "kl")}
+    store = AblationBaselines(model, windows, layers, layer_means, exclude_first_position, windows_per_batch) \
+        if ablations and reuse_ablations else None
+    stored = store.load() if store is not None else None
+    if stored is not None:
+        sums.update(stored)
+        suffixes = [s for s in suffixes if s not in AblationBaselines.VARIANTS]
+        tqdm.write(f"zero- and mean-ablation losses reused from {store.path}")
     clean = {"": [0.0, 0], "_paper": [0.0, 0]}  # summed CE and positions, per way of scoring
     groups: list[list[Tensor]] = []  # consecutive windows of one length, windows_per_batch at most
     for w in windows:
@@ -222,6 +275,8 @@ def downstream(
     count = clean[""][1]
     if count == 0:
         raise MlsaeError("downstream evaluation saw no positions that count; use more tokens or a longer context")
+    if store is not None and stored is None:
+        store.save(sums)
     ce_clean = clean[""][0] / count
     out = {k: (v / (clean["_paper"][1] if k.endswith("_paper") else count)).tolist() for k, v in sums.items()}
     out["ce_clean"] = [ce_clean] * len(layers)
@@ -260,6 +315,7 @@ def evaluate(
     ablations: bool = True,
     paper_definitions: bool = False,
     allow_unfinished: bool = False,
+    reuse_ablations: bool = True,
 ) -> pa.Table:
     """Evaluate a run; writes ``eval.parquet`` and ``eval.json`` into ``out`` (default: the run).
 
@@ -322,7 +378,7 @@ def evaluate(
             counted += scored
         ctx_len = int(chosen[0].shape[0])
         ds = downstream(model, run.coder, chosen, layers, stats.layer_means().float().to(dev), excl,
-                        max(1, batch_tokens // ctx_len // 2), progress, ablations, paper_definitions)
+                        max(1, batch_tokens // ctx_len // 2), progress, ablations, paper_definitions, reuse_ablations)
         columns.update(ds)
         ds_seconds = time.perf_counter() - ds_started
     table = pa.table(columns)
