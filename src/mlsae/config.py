@@ -123,6 +123,8 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
     """Write a checkpoint every this many tokens."""
     shuffle_buffer_mb: int = 512
     """Memory for shuffling cached activations, in MB."""
+    prefetch: str = "auto"
+    """Read the next micro-batches in a background thread while the coder trains: on, off, or auto (on when the model runs on a GPU)."""
     verify_cache: bool = True
     """Check the cache's checksums before training (one read of the whole cache)."""
     out: str = "runs/mlsae"
@@ -283,6 +285,7 @@ CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "prepend_bos": ("auto", "always", "never"),
     "action": ("train", "eval"),
+    "prefetch": ("auto", "on", "off"),
 }
 """The values each string setting may take (the arrangement registry and kernels check the same)."""
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Iterator, Optional
+import queue
+import threading
+from typing import Iterable, Iterator, Optional, TypeVar
 
 from .activations import ActivationBatch, ActivationCache, RowBuffer, live_buffers, rebatch
 from .config import TrainConfig
@@ -68,8 +70,55 @@ class ActivationStream:
 
     def batches(self, micro_batch_tokens: int, skip_rows: int = 0) -> Iterator[ActivationBatch]:
         """Micro-batches of exactly ``micro_batch_tokens`` rows from row ``skip_rows`` on (rows
-        before it are skipped without being read or captured)."""
-        return rebatch(self._buffers(), micro_batch_tokens, skip_rows=skip_rows, drop_last=True)
+        before it are skipped without being read or captured). With ``cfg.prefetch`` on, the
+        next ones are read (captured) in a background thread while the caller trains on these."""
+        batches = rebatch(self._buffers(), micro_batch_tokens, skip_rows=skip_rows, drop_last=True)
+        return prefetched(batches, PREFETCH_DEPTH) if self.prefetching() else batches
+
+    def prefetching(self) -> bool:
+        """``--prefetch auto``: on when the vectors come from a model on a GPU (the capture then
+        overlaps the coder's step); off on CPU, where both would share the same cores."""
+        if self.cfg.prefetch != "auto":
+            return self.cfg.prefetch == "on"
+        return self.model is not None and self.model.device.type == "cuda"
+
+
+PREFETCH_DEPTH = 4
+"""Micro-batches read ahead by a prefetching stream."""
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` in order, produced by a daemon thread up to ``depth`` ahead of the consumer; an
+    exception in the producer is raised in the consumer at the item where it happened."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put(item)
+            slots.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            slots.put(e)
+
+    threading.Thread(target=produce, daemon=True, name="mlsae-prefetch").start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not slots.empty():  # unblock a producer waiting on a full queue
+            slots.get_nowait()
 
 
 def settings_from_cache(cfg: TrainConfig, manifest: dict) -> TrainConfig:

@@ -38,7 +38,7 @@ from .stream import ActivationStream
 
 
 RESUMABLE_CHANGES = frozenset(
-    {"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model", "verify_cache"}
+    {"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model", "verify_cache", "prefetch"}
 )
 """Settings a resumed run may change: they do not alter what it computes (the cache and model
 are checked by content: the same model fingerprint and layers)."""
