@@ -290,12 +290,18 @@ class ActivationCache:
         r = torch.from_numpy(np.concatenate(rows).astype(np.int64))
         return ActivationBatch(a.float(), self.windows[r[:, 0], r[:, 1]], r[:, 0], r[:, 1])
 
-    def buffers(self, seed: int = 0, buffer_mb: int = 512) -> Iterator["RowBuffer"]:
+    def buffers(self, seed: int = 0, buffer_mb: int = 512, rank: int = 0, world_size: int = 1,
+                position: int = 0) -> Iterator["RowBuffer"]:
         """The rows in a seeded random order, as buffers that fit in ``buffer_mb``.
 
         Shuffling is two-level so memory stays bounded: the rows are cut into blocks, the
         blocks are visited in a random order, and the rows of a buffer of several blocks are
         permuted together. Nothing is read until a buffer is loaded.
+
+        With ``world_size`` ranks, rank r gets the rows at the positions p = r (mod world_size)
+        of that order (``position``: where this pass starts in the whole stream), and reads only
+        those: cut into micro-batches of m / world_size rows, its batches are the rank's share
+        of the single-process micro-batches of m rows, exactly.
         """
         rng = np.random.default_rng(seed)
         row_bytes = self.manifest["row_bytes"] * 4 // torch.tensor([], dtype=self.dtype).element_size()
@@ -307,8 +313,18 @@ class ActivationCache:
         per_buffer = max(1, buffer_rows // block)
         for b in range(0, len(blocks), per_buffer):
             index = np.sort(np.concatenate(blocks[b : b + per_buffer]))
-            perm = torch.from_numpy(rng.permutation(len(index)))
-            yield RowBuffer(len(index), lambda index=index, perm=perm: self._read(index).take(perm))
+            perm = rng.permutation(len(index))
+            if world_size > 1:
+                perm = perm[(position + np.arange(len(perm))) % world_size == rank]
+            position += len(index)
+            yield RowBuffer(len(perm), lambda rows=index[perm]: self._read_in_order(rows))
+
+    def _read_in_order(self, rows: np.ndarray) -> ActivationBatch:
+        """Rows at global indices in the given order (read sorted, then put in that order)."""
+        order = np.argsort(rows, kind="stable")
+        back = torch.empty(len(rows), dtype=torch.long)
+        back[torch.from_numpy(order)] = torch.arange(len(rows))
+        return self._read(rows[order]).take(back)
 
     def batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0, buffer_mb: int = 512) -> Iterator[ActivationBatch]:
         """Batches of ``batch_tokens`` rows (the last may be shorter), shuffled or in file order."""

@@ -44,10 +44,14 @@ def run_cache(cfg: cfgmod.CacheConfig) -> None:
 def run_train(cfg: cfgmod.TrainConfig) -> None:
     from .train import train
 
+    from .dist import world
+
     try:
         result = train(cfg)
     except KeyboardInterrupt:
         raise SystemExit(130)
+    if not world().writes:  # under torchrun, rank 0 reports
+        return
     print(
         f"trained {cfg.arch} on {result.get('tokens', 0):,} tokens: loss {result.get('loss', float('nan')):.4f}, "
         f"FVU {result.get('fvu', float('nan')):.4f}, dead {100 * result.get('dead_fraction', 0):.1f}%; saved in {cfg.out}"
@@ -57,10 +61,14 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
 def run_sweep(cfg: cfgmod.SweepConfig) -> None:
     from .train import sweep
 
+    from .dist import world
+
     try:
         results = sweep(cfg)
     except KeyboardInterrupt:
         raise SystemExit(130)
+    if not world().writes:  # under torchrun, rank 0 reports
+        return
     width = max(len(name) for name in results)
     print(f"{'run'.ljust(width)}  {'tokens':>10}  {'FVU':>7}  {'dead':>6}")
     for name, r in results.items():

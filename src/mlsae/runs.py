@@ -32,14 +32,16 @@ from .text import check_source, data_windows
 class RunFolder:
     """Writes a training run's folder: the coder with its metadata (``config.json``,
     ``sae.safetensors``), checkpoints (through :mod:`mlsae.checkpoint`) and ``metrics.jsonl``.
-    A trainer hands it what to write; it is the only writer of the folder's training files."""
+    A trainer hands it what to write; it is the only writer of the folder's training files.
+    ``writes=False`` (every rank of a data-parallel run but rank 0) makes every write a no-op."""
 
     FILES = ("config.json", "sae.safetensors", "metrics.jsonl", *checkpoint.NAMES)
 
-    def __init__(self, out: str | Path, model_name: str, fingerprint: str):
+    def __init__(self, out: str | Path, model_name: str, fingerprint: str, writes: bool = True):
         self.out = Path(out)
         self.model_name = model_name
         self.fingerprint = fingerprint
+        self.writes = writes
         self._metrics = None
 
     def check_free(self, resume: bool, overwrite: bool) -> None:
@@ -49,23 +51,27 @@ class RunFolder:
 
     def clear(self) -> None:
         """Remove an earlier run's training files (``--overwrite``), leaving anything else there."""
-        for name in self.FILES:
+        for name in self.FILES if self.writes else ():
             p = self.out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     def save(self, coder: SparseCoder, meta: dict, folder: Optional[Path] = None) -> None:
         """The coder and its metadata, in the run folder (or ``folder``, a checkpoint being written)."""
-        save_coder(coder, folder or self.out, self.model_name, self.fingerprint, meta)
+        if self.writes:
+            save_coder(coder, folder or self.out, self.model_name, self.fingerprint, meta)
 
     def save_checkpoint(self, coder: SparseCoder, meta: dict, optimizer: torch.optim.Optimizer, step: int, tokens: int,
                         clocks: Tensor) -> None:
-        checkpoint.save(self.out, lambda folder: self.save(coder, meta, folder), optimizer, step, tokens, clocks)
+        if self.writes:
+            checkpoint.save(self.out, lambda folder: self.save(coder, meta, folder), optimizer, step, tokens, clocks)
 
     def latest_checkpoint(self) -> Path:
         return checkpoint.latest(self.out)
 
     def log(self, line: dict) -> None:
         """Append one line to ``metrics.jsonl`` (flushed: a crash loses at most the line being written)."""
+        if not self.writes:
+            return
         if self._metrics is None:
             self._metrics = open(self.out / "metrics.jsonl", "a")
         self._metrics.write(json.dumps(line) + "\n")
@@ -80,7 +86,7 @@ class RunFolder:
         """After a crash, the log may hold steps past the checkpoint: they are about to be redone.
         The file is rewritten atomically (a temporary file, then renamed)."""
         path = self.out / "metrics.jsonl"
-        if path.exists():
+        if path.exists() and self.writes:
             lines = [line for line in path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in lines))

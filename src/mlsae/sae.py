@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,15 +105,24 @@ def start_point(points: Tensor, how: str, max_points: int = 65_536) -> Tensor:
     raise MlsaeError(f"b_pre_init {how!r}: expected one of {', '.join(B_PRE_INITS)}")
 
 
-def fvu_per_layer(x: Tensor, x_hat: Tensor, variance_of: Optional[Tensor] = None) -> Tensor:
+def fvu_per_layer(x: Tensor, x_hat: Tensor, variance_of: Optional[Tensor] = None,
+                  total: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """``x, x_hat: [tokens, layers, d]`` -> ``[layers]``: sum ||x - x_hat||^2 / sum ||v - mean(v)||^2.
 
     v is x itself, or ``variance_of`` when the error is normalised by another tensor's variance
-    (AuxK: the residual error normalised like the FVU of the input).
+    (AuxK: the residual error normalised like the FVU of the input). ``total`` sums a tensor over
+    the ranks of a data-parallel run: the denominator is then the whole batch's (from the ranks'
+    counts, sums and sums of squares), so the ranks' values add up to the batch's FVU.
     """
     v = x if variance_of is None else variance_of
     err = (x - x_hat).pow(2).sum(dim=(0, 2))
-    var = (v - v.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    if total is None:
+        var = (v - v.mean(0, keepdim=True)).pow(2).sum(dim=(0, 2))
+    else:
+        w = v.detach().double()
+        n = total(torch.tensor(float(w.shape[0]), dtype=torch.float64, device=w.device))
+        s1, s2 = total(w.sum(0)), total(w.pow(2).sum(dim=(0, 2)))
+        var = (s2 - s1.pow(2).sum(-1) / n).to(v.dtype)
     return err / var.clamp_min(torch.finfo(v.dtype).tiny)
 
 
@@ -331,11 +340,13 @@ class SparseCoder(nn.Module):
         indices of :meth:`codes_at_layers`, the pair the layer analyses read."""
         return self.activity_by_layer(top_acts, top_idx), self.codes_at_layers(top_acts, top_idx)[1]
 
-    def forward(self, x: Tensor, dead: Optional[Tensor] = None) -> CoderOutput:
+    def forward(self, x: Tensor, dead: Optional[Tensor] = None, total: Optional[Callable[[Tensor], Tensor]] = None) -> CoderOutput:
         """Transform ``x: [tokens, layers, d]``, code it, map the output back; losses per eq. 7.
 
         The loss space "standardized" is the coder's own input space (after every transform:
-        a per-layer shift leaves FVU unchanged); "raw" is the model's units.
+        a per-layer shift leaves FVU unchanged); "raw" is the model's units. ``total``: this is
+        one rank's share of a data-parallel batch, and the losses are its share of the batch's
+        (see :func:`fvu_per_layer`).
         """
         self._check_input(x)
         x_in, state = self.transform(x)
@@ -345,7 +356,7 @@ class SparseCoder(nn.Module):
             target, recon = x_in, x_hat_in
         else:
             target, recon = x, x_hat
-        fvu = fvu_per_layer(target, recon)
+        fvu = fvu_per_layer(target, recon, total=total)
         if e_hat is None:
             auxk = torch.zeros_like(fvu)
         else:
@@ -353,7 +364,7 @@ class SparseCoder(nn.Module):
             if self.cfg.loss_space == "raw":
                 e, e_hat = self.transform.inverse_delta(e, state), self.transform.inverse_delta(e_hat, state)
             # eq. 5's error, normalised per layer by the input's variance or by the error's own
-            auxk = fvu_per_layer(e, e_hat, variance_of=target if self.cfg.auxk_norm == "input" else e)
+            auxk = fvu_per_layer(e, e_hat, variance_of=target if self.cfg.auxk_norm == "input" else e, total=total)
             if aux_layers is not None:
                 auxk = auxk * aux_layers
         loss = fvu.mean() + self.cfg.aux_coef * auxk.mean()

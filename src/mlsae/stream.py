@@ -5,6 +5,11 @@ its own data seed (one epoch after another, each with seed + epoch), cuts them i
 and starts at a row offset (a resumed run sees exactly the batches an uninterrupted one would).
 One stream can feed several trainers (``mlsae sweep``): the language model then runs once for all
 of them, and each sees the batches it would have seen alone.
+
+Under torchrun each rank streams its own share: from a cache, the rows at positions
+p = rank (mod world size) of the single-process order (so the ranks' micro-batches together are
+exactly the single-process micro-batch); live, the windows i = rank (mod world size), each rank
+running the model on its own text.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Iterable, Iterator, Optional, TypeVar
 
 from .activations import ActivationBatch, ActivationCache, RowBuffer, live_buffers, rebatch
 from .config import TrainConfig
+from .dist import World
 from .errors import MlsaeError
 from .model import ResidualModel, load_model
 from .text import check_source, data_windows
@@ -26,7 +32,8 @@ class ActivationStream:
     """Live capture (``cfg.data`` through the model) or a cache (``cfg.cache``), with what every
     consumer needs to know about the vectors: layers, d_model, and the model they come from."""
 
-    def __init__(self, cfg: TrainConfig, model: Optional[ResidualModel] = None):
+    def __init__(self, cfg: TrainConfig, model: Optional[ResidualModel] = None, world: World = World()):
+        self.world = world
         wanted = sorted(set(cfg.layers)) if cfg.layers is not None else None
         self.cache = ActivationCache(cfg.cache, verify=cfg.verify_cache, layers=wanted) if cfg.cache else None
         if self.cache is not None:
@@ -56,22 +63,24 @@ class ActivationStream:
     def _buffers(self) -> Iterator[RowBuffer]:
         """Every epoch's buffers, one epoch after another (seed + epoch shuffles each)."""
         cfg = self.cfg
+        w = self.world
         for epoch in itertools.count():
             seed = cfg.seed + epoch
             if self.cache is not None:
-                yield from self.cache.buffers(seed, cfg.shuffle_buffer_mb)
+                yield from self.cache.buffers(seed, cfg.shuffle_buffer_mb, w.rank, w.size, epoch * len(self.cache))
             else:
                 row_bytes = len(self.layers) * self.d_model * 4
                 windows_per_buffer = max(1, cfg.shuffle_buffer_mb * 2**20 // (row_bytes * cfg.ctx))
-                windows = data_windows(cfg, self.model.tokenizer)
+                windows = data_windows(cfg, self.model.tokenizer, w.rank, w.size)
                 yield from live_buffers(
                     self.model, windows, self.layers, windows_per_buffer, seed, cfg.windows_per_batch, cfg.exclude_first_position
                 )
 
     def batches(self, micro_batch_tokens: int, skip_rows: int = 0) -> Iterator[ActivationBatch]:
-        """Micro-batches of exactly ``micro_batch_tokens`` rows from row ``skip_rows`` on (rows
-        before it are skipped without being read or captured). With ``cfg.prefetch`` on, the
-        next ones are read (captured) in a background thread while the caller trains on these."""
+        """This rank's micro-batches of exactly ``micro_batch_tokens`` rows from its row
+        ``skip_rows`` on (rows before it are skipped without being read or captured). With
+        ``cfg.prefetch`` on, the next ones are read (captured) in a background thread while the
+        caller trains on these."""
         batches = rebatch(self._buffers(), micro_batch_tokens, skip_rows=skip_rows, drop_last=True)
         return prefetched(batches, PREFETCH_DEPTH) if self.prefetching() else batches
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .activations import ActivationBatch, check_finite
 from .config import SAEConfig, SweepConfig, TrainConfig, save_json, subset, to_dict, validate
+from .dist import World, device_for, world
 from .errors import MlsaeError
 from .lens import check_lens_for, load_lens
 from .model import ResidualModel, resolve_device
@@ -64,10 +65,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: Optional[ResidualModel] = None, stream: Optional[ActivationStream] = None,
                  prepare_folder: bool = True):
         self.out = Path(cfg.out)
+        self.world: World = world(resolve_device(cfg.device))
+        cfg = dataclasses.replace(cfg, device=device_for(cfg.device, self.world))  # under torchrun: this rank's GPU
         self.device = resolve_device(cfg.device)
         self.cfg = cfg
         self._check_settings()
-        self.stream = stream or ActivationStream(cfg, model)
+        self.stream = stream or ActivationStream(cfg, model, self.world)
         self.cfg = cfg = self.stream.settle(cfg)
         self.layers = self.stream.layers
         self.d_model = self.stream.d_model
@@ -84,7 +87,7 @@ class Trainer:
         self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
         self.finished = False
         self.label = ""  # names the run in messages when several train at once
-        self.folder = RunFolder(self.out, self.model_name, self.fingerprint)
+        self.folder = RunFolder(self.out, self.model_name, self.fingerprint, writes=self.world.writes)
         if prepare_folder:  # a sweep builds every trainer first, so a refused one leaves no folder behind
             self.prepare_folder()
 
@@ -112,7 +115,12 @@ class Trainer:
             raise MlsaeError(
                 f"tokens_per_step {c.tokens_per_step} is not a multiple of micro_batch_tokens {c.micro_batch_tokens}"
             )
-        self.micro = micro
+        n = self.world.size
+        for flag, value in (("--tokens-per-step", c.tokens_per_step), ("--micro-batch-tokens", micro), ("--tokens", c.tokens)):
+            if value % n:
+                raise MlsaeError(f"{flag} {value} is not a multiple of the world size {n}: each of the {n} processes takes an "
+                                 f"equal share of every batch")
+        self.micro = micro  # tokens of a micro-batch, over all ranks; each rank codes micro / world size of them
 
     def _check_memory(self) -> None:
         """Refuse a micro-batch whose encoder pre-activations alone cannot fit, before any work.
@@ -121,16 +129,17 @@ class Trainer:
         again in the step's temporaries); an MLSAE codes every layer of a token at once.
         """
         per_token = len(self.layers) if self.coder.latent_space == "shared" else 1
-        need = 2 * 4 * self.micro * per_token * self.coder.n_latents
+        micro = self.micro // self.world.size  # this rank's share
+        need = 2 * 4 * micro * per_token * self.coder.n_latents
         if self.device.type == "cuda":
             have = torch.cuda.get_device_properties(self.device).total_memory
         else:
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need > 0.8 * have:
-            fits = 2 ** int(math.log2(max(1, 0.8 * have / (2 * 4 * per_token * self.coder.n_latents))))
+            fits = self.world.size * 2 ** int(math.log2(max(1, 0.8 * have / (2 * 4 * per_token * self.coder.n_latents))))
             raise MlsaeError(
                 f"--micro-batch-tokens {self.micro} needs about {need / 2**30:.0f} GiB for the encoder's pre-activations "
-                f"({self.micro} tokens x {per_token} layers x {self.coder.n_latents:,} latents), more than this "
+                f"({micro} tokens x {per_token} layers x {self.coder.n_latents:,} latents), more than this "
                 f"{self.device.type} memory ({have / 2**30:.0f} GiB) allows: lower --micro-batch-tokens (to {fits} or less)"
             )
 
@@ -139,6 +148,7 @@ class Trainer:
             "train": to_dict(self.cfg),
             "transforms": self.coder.transform.describe(),
             "progress": {"step": self.state.step, "tokens": self.state.tokens},
+            "world_size": self.world.size,
             "finished": self.finished,
         }
         if self.init_info is not None:
@@ -150,12 +160,12 @@ class Trainer:
     def prepare_folder(self) -> None:
         """Start the run folder (or, with ``--resume``, load its newest checkpoint)."""
         self.folder.check_free(self.cfg.resume, self.cfg.overwrite)
+        self.world.barrier()  # every rank has looked before rank 0 writes
         if self.cfg.resume:
             self._resume()
             return
         if self.cfg.overwrite and self.out.exists():
             self.folder.clear()
-        self.out.mkdir(parents=True, exist_ok=True)
         self.folder.save(self.coder, self._run_meta())
 
     # ---------------------------------------------------------------------------------------
@@ -173,6 +183,12 @@ class Trainer:
         coder, _ = load_coder(folder, model_fingerprint=self.fingerprint, arch=self.cfg.arch, device=self.device)
         if saved["layers"] != self.layers:
             raise MlsaeError(f"--resume: the run in {self.out} was trained on layers {saved['layers']}, not {self.layers}")
+        trained_on = saved.get("world_size", 1)
+        if trained_on != self.world.size:
+            raise MlsaeError(
+                f"--resume: the run in {self.out} was trained by {trained_on} process(es), not {self.world.size}: resume it with "
+                f"the same world size (each process's share of the data depends on it)"
+            )
         self._check_unchanged({**LEGACY_SAE_SETTINGS, **saved["sae"], **saved.get("train", {})})
         recorded = (saved.get("lens") or {}).get("sha256")
         if self.lens_info is not None and recorded != self.lens_info["sha256"]:
@@ -214,6 +230,7 @@ class Trainer:
         cfg = self.cfg
         x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
         check_finite(x, "the first batches", self.layers)
+        x = self.world.interleave_rows(x)  # every rank fits the same transforms on the whole first batches
         started = self.coder.initialise(x)
         starts = range(0, len(x), self.micro)
         with torch.no_grad():  # micro-batch by micro-batch, so memory stays that of a step
@@ -233,21 +250,23 @@ class Trainer:
                          "auxk": 0.0, "fvu_per_layer": self.init_info["fvu_per_layer"], "dead_fraction": 0.0, "tokens_per_s": 0.0})
         self.folder.save(self.coder, self._run_meta())
         who = f"{self.label}: " if self.label else ""
-        tqdm.write(
+        say = tqdm.write if self.world.writes else (lambda _: None)
+        say(
             f"{who}initial FVU {float(fvu.mean()):.3f} (layers {float(fvu.min()):.3f} to {float(fvu.max()):.3f}): b_pre started at "
             f"{B_PRE_START[cfg.b_pre_init]}, transforms [{', '.join(self.init_info['transforms'])}], "
             f"on the first {self.init_info['tokens']:,} tokens"
         )
         if "encoder_scale" in started:
-            tqdm.write(
+            say(
                 f"{who}encoder scaled by {started['encoder_scale']:.4g} (c = {started['init_gain']}) so the first reconstruction "
                 f"has the input's scale: FVU {started['fvu_before_scaling']:.3f} before, {started['fvu_after_scaling']:.3f} after "
                 f"(in the coder's space)"
             )
 
     def _step(self, micro_batches: list[ActivationBatch]) -> dict:
-        cfg, coder = self.cfg, self.coder
-        step_tokens = sum(len(b) for b in micro_batches)
+        cfg, coder, w = self.cfg, self.coder, self.world
+        step_tokens = sum(len(b) for b in micro_batches) * w.size  # over all ranks
+        total = w.sum if w.distributed else None  # losses as shares of the whole batch's
         dead = self.state.tokens_since_fired >= cfg.dead_tokens if cfg.aux_coef > 0 else None  # AuxK off: no e_hat
         # Updated on a copy so that an interruption mid-step leaves the state of the last full step.
         since_fired = self.state.tokens_since_fired.clone()
@@ -255,18 +274,23 @@ class Trainer:
         for batch in micro_batches:
             x = batch.acts.to(self.device, torch.float32)
             check_finite(x, f"step {self.state.step}", self.layers)
-            out = coder(x, dead)
+            out = coder(x, dead, total)
             if not torch.isfinite(out.loss):
                 raise MlsaeError(f"step {self.state.step}: the loss became {out.loss.item()}; the last good checkpoint is kept")
-            weight = len(batch) / step_tokens
+            weight = len(batch) * w.size / step_tokens
             (out.loss * weight).backward()
             totals["loss"] += out.loss.item() * weight
             totals["fvu"] += out.fvu.detach().cpu() * weight
             totals["auxk"] += out.auxk.detach().cpu() * weight
-            fired = coder.fired(out.top_acts.detach(), out.top_idx)
+            fired = w.any(coder.fired(out.top_acts.detach(), out.top_idx))  # on any rank
             # A latent's clock counts tokens: it resets where the latent fired in this micro-batch.
-            since_fired += len(batch)
+            since_fired += len(batch) * w.size
             since_fired[fired] = 0
+        if w.distributed:  # each rank holds its share: the whole batch's numbers are their sums
+            shares = w.sum(torch.cat([torch.tensor([totals["loss"]]), totals["fvu"], totals["auxk"]]).double())
+            totals = {"loss": float(shares[0]), "fvu": shares[1 : 1 + len(self.layers)].float(),
+                      "auxk": shares[1 + len(self.layers) :].float()}
+        w.sum_grads(coder.parameters())
         with interrupts_deferred():  # weights and counters change together, or not at all
             coder.remove_parallel_grads()
             self.optimizer.step()
@@ -294,20 +318,21 @@ def fit(trainers: list[Trainer]) -> list[dict]:
     would see alone; one resumed further than the others skips the steps it has already taken.
     Ctrl-C saves every trainer's checkpoint, then stops."""
     lead = trainers[0]
-    cfg, micro = lead.cfg, lead.micro
+    cfg, micro, w = lead.cfg, lead.micro, lead.world
     micro_per_step = cfg.tokens_per_step // micro
-    position = min(t.state.tokens for t in trainers)
-    batches = lead.stream.batches(micro, skip_rows=position)
-    wandb_runs = [_start_wandb(t.cfg) if t.cfg.wandb else None for t in trainers]
+    position = min(t.state.tokens for t in trainers)  # tokens over all ranks
+    w.same_everywhere(position, "the tokens trained so far")
+    batches = lead.stream.batches(micro // w.size, skip_rows=position // w.size)  # this rank's share
+    wandb_runs = [_start_wandb(t.cfg) if t.cfg.wandb and w.writes else None for t in trainers]
     desc = f"train {cfg.arch}" if len(trainers) == 1 else f"sweep of {len(trainers)}"
-    bar = tqdm(total=cfg.tokens, initial=position, unit="tok", desc=desc, smoothing=0.05)
+    bar = tqdm(total=cfg.tokens, initial=position, unit="tok", desc=desc, smoothing=0.05, disable=not w.writes)
     next_checkpoint = [(t.state.tokens // t.cfg.checkpoint_tokens + 1) * t.cfg.checkpoint_tokens for t in trainers]
     started, start_tokens = time.perf_counter(), position
     last: list[dict] = [{} for _ in trainers]
     try:
         fresh = [t for t in trainers if t.state.step == 0]
         if fresh:  # a fresh start: fit the transforms and b_pre, then train on the same batches
-            first = _first_batches(batches, cfg.init_tokens)
+            first = _first_batches(batches, -(-cfg.init_tokens // micro))
             for t in fresh:
                 t.initialise(first)
             batches = itertools.chain(first, batches)
@@ -317,8 +342,9 @@ def fit(trainers: list[Trainer]) -> list[dict]:
             micro_batches = list(itertools.islice(batches, min(micro_per_step, -(-remaining // micro))))
             if not micro_batches:
                 raise MlsaeError("the activation source produced no data")
-            if sum(len(b) for b in micro_batches) > remaining:
-                micro_batches[-1] = micro_batches[-1].slice(0, remaining - sum(len(b) for b in micro_batches[:-1]))
+            mine = remaining // w.size  # --tokens is a multiple of the world size
+            if sum(len(b) for b in micro_batches) > mine:
+                micro_batches[-1] = micro_batches[-1].slice(0, mine - sum(len(b) for b in micro_batches[:-1]))
             for i, t in enumerate(trainers):
                 if t.state.tokens > position:  # resumed from a later checkpoint: it took this step already
                     continue
@@ -327,7 +353,7 @@ def fit(trainers: list[Trainer]) -> list[dict]:
                 t.folder.log(last[i])
                 if wandb_runs[i] is not None:
                     wandb_runs[i].log(last[i], step=t.state.step)
-            step_tokens = sum(len(b) for b in micro_batches)
+            step_tokens = sum(len(b) for b in micro_batches) * w.size
             position += step_tokens
             bar.update(step_tokens)
             bar.set_postfix(**_postfix(last))
@@ -339,8 +365,9 @@ def fit(trainers: list[Trainer]) -> list[dict]:
         bar.close()
         for t in trainers:
             t.save_checkpoint()
-        print(f"\ninterrupted: saved {'a checkpoint' if len(trainers) == 1 else 'checkpoints'} at {position:,} tokens; "
-              f"continue with --resume")
+        if w.writes:
+            print(f"\ninterrupted: saved {'a checkpoint' if len(trainers) == 1 else 'checkpoints'} at {position:,} tokens; "
+                  f"continue with --resume")
         raise
     finally:
         bar.close()
@@ -353,14 +380,9 @@ def fit(trainers: list[Trainer]) -> list[dict]:
     return last
 
 
-def _first_batches(batches: Iterator[ActivationBatch], tokens: int) -> list[ActivationBatch]:
-    """The batches that hold the first ``tokens`` tokens (the transforms and b_pre are fitted on them)."""
-    first: list[ActivationBatch] = []
-    while sum(len(b) for b in first) < tokens:
-        batch = next(batches, None)
-        if batch is None:
-            break
-        first.append(batch)
+def _first_batches(batches: Iterator[ActivationBatch], count: int) -> list[ActivationBatch]:
+    """The first ``count`` micro-batches (the transforms and b_pre are fitted on them)."""
+    first = list(itertools.islice(batches, count))
     if not first:
         raise MlsaeError("the activation source produced no data")
     return first
@@ -439,7 +461,9 @@ def sweep(cfg: SweepConfig, model: Optional[ResidualModel] = None) -> dict[str, 
     runs = sweep_runs(cfg)
     for run in runs.values():  # every folder checked before the model loads
         RunFolder(run.out, "", "").check_free(run.resume, run.overwrite)
-    stream = ActivationStream(next(iter(runs.values())), model)
+    first = next(iter(runs.values()))
+    w = world(resolve_device(first.device))
+    stream = ActivationStream(dataclasses.replace(first, device=device_for(first.device, w)), model, w)
     trainers = [Trainer(run, stream=stream, prepare_folder=False) for run in runs.values()]
     for name, trainer in zip(runs, trainers):  # every run's settings checked: now write
         trainer.label = name

@@ -1,0 +1,96 @@
+"""Data-parallel training under torchrun: two CPU processes (gloo) against one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+from mlsae.activations import write_cache
+from mlsae.config import TrainConfig
+from mlsae.text import pack_windows
+from mlsae.train import train
+
+TEXT = [f"Doc {i}: two processes share the batch of one while {i * 11 % 17} latents fire." for i in range(300)]
+SETTINGS = dict(expansion_factor=2, k=4, tokens=640, tokens_per_step=64, micro_batch_tokens=32, init_tokens=128, lr=3e-3,
+                checkpoint_tokens=192, dead_tokens=150, shuffle_buffer_mb=1, device="cpu", decoder_impl="sparse")
+
+
+def flags(**kw) -> list[str]:
+    out = []
+    for k, v in {**SETTINGS, **kw}.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    model = tiny_model("llama", n_layers=3, seed=5)
+    folder = tmp_path_factory.mktemp("dist") / "c"
+    write_cache(model, pack_windows(TEXT, model.tokenizer, 32), folder, tokens=1200, shard_tokens=500)
+    return folder
+
+
+def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node n -m mlsae.cli ARGS``: what a user launches."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "mlsae.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def weights(folder):
+    return load_file(str(folder / "sae.safetensors"))
+
+
+def close(a, b, tol=2e-4):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=tol, atol=tol), (k, (wa[k] - wb[k]).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["mlsae", "per-layer"])
+def test_two_processes_train_the_weights_one_process_trains_on_the_same_global_batches(tmp_path, cache_dir, arch):
+    train(TrainConfig(cache=str(cache_dir), arch=arch, out=str(tmp_path / "one"), **SETTINGS))
+    done = torchrun(2, "train", "--cache", str(cache_dir), "--arch", arch, "--out", str(tmp_path / "two"), *flags())
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(tmp_path / "one", tmp_path / "two")
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert saved["world_size"] == 2 and saved["finished"]
+    one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == list(range(11)) and [m["tokens"] for m in two] == [m["tokens"] for m in one]
+    for a, b in zip(one, two):  # the logged FVU is the whole batch's, not one rank's share
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-3) and b["dead_fraction"] == a["dead_fraction"]
+
+
+def test_a_run_resumed_under_two_processes_ends_as_an_uninterrupted_one_and_refuses_another_world_size(tmp_path, cache_dir):
+    common = ["train", "--cache", str(cache_dir)]
+    assert torchrun(2, *common, "--out", str(tmp_path / "full"), *flags()).returncode == 0
+    assert torchrun(2, *common, "--out", str(tmp_path / "part"), *flags(tokens=256)).returncode == 0
+    one = subprocess.run([sys.executable, "-m", "mlsae.cli", *common, "--out", str(tmp_path / "part"), "--resume", *flags()],
+                         capture_output=True, text=True)
+    assert one.returncode == 2 and "trained by 2 process(es), not 1: resume it with the same world size" in one.stderr
+    done = torchrun(2, *common, "--out", str(tmp_path / "part"), "--resume", *flags())
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(tmp_path / "full", tmp_path / "part", tol=1e-6)
+
+
+def test_a_world_size_that_does_not_divide_the_batches_is_refused_before_any_work(tmp_path, cache_dir):
+    done = torchrun(2, "train", "--cache", str(cache_dir), "--out", str(tmp_path / "odd"), *flags(tokens_per_step=99, micro_batch_tokens=33))
+    assert done.returncode != 0
+    assert "--tokens-per-step 99 is not a multiple of the world size 2" in done.stderr
+    assert not (tmp_path / "odd").exists()
+
+
+def test_a_sweep_runs_under_two_processes(tmp_path, cache_dir):
+    done = torchrun(2, "sweep", "--cache", str(cache_dir), "--out", str(tmp_path / "s"), *flags(),
+                    "--expansion-factor", "2", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "alone"), **{**SETTINGS, "expansion_factor": 3}))
+    close(tmp_path / "alone", tmp_path / "s" / "mlsae-R3-k4-lr0.003")
