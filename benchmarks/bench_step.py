@@ -109,6 +109,7 @@ def main() -> None:
                     help="d x expansion factor")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--impls", nargs="+", default=["ours", "naive", "sparsify"], help="implementations to time")
     ap.add_argument("--json", default=str(RESULTS / "step.json"))
     args = ap.parse_args()
     rows = []
@@ -120,7 +121,7 @@ def main() -> None:
         rate = matmul_rate(N, d, n, args.reps)
         row = {"d": d, "R": R, "n_latents": n, "batch": N, "k": K, "matmul_gflops": rate / 1e9}
         for name, make in (("ours", ours), ("naive", naive), ("sparsify", sparsify)):
-            step = make(x, d, n)
+            step = make(x, d, n) if name in args.impls else None
             if step is None:
                 continue
             seconds = timed(step, args.reps)
@@ -131,10 +132,13 @@ def main() -> None:
                 row[f"ours_vs_{other}"] = row["ours_vectors_per_s"] / row[f"{other}_vectors_per_s"]
         rows.append(row)
         print(f"d {d:5d} R {R:3d} batch {N:5d}: matmul {rate / 1e9:6.1f} GFLOP/s | ours {row['ours_vectors_per_s']:8.0f} vec/s "
-              f"({100 * row['ours_matmul_fraction']:4.1f}% of matmul) | x{row['ours_vs_naive']:.2f} naive"
+              f"({100 * row['ours_matmul_fraction']:4.1f}% of matmul)"
+              + (f" | x{row['ours_vs_naive']:.2f} naive" if "ours_vs_naive" in row else "")
               + (f" | x{row['ours_vs_sparsify']:.2f} sparsify ({100 * row['sparsify_matmul_fraction']:4.1f}%)"
-                 if "ours_vs_sparsify" in row else " | sparsify not installed"), flush=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "reps": args.reps,
+                 if "ours_vs_sparsify" in row else " | sparsify not run"), flush=True)
+    from mlsae.kernels import ROW_BLOCK
+
+    meta = {"encoder_row_block": ROW_BLOCK, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "reps": args.reps,
             "timing": "median seconds of a full training step after one warm-up step"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

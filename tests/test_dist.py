@@ -94,3 +94,35 @@ def test_a_sweep_runs_under_two_processes(tmp_path, cache_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "alone"), **{**SETTINGS, "expansion_factor": 3}))
     close(tmp_path / "alone", tmp_path / "s" / "mlsae-R3-k4-lr0.003")
+
+
+@pytest.mark.parametrize("source", ["cache", "text"])
+def test_eval_under_two_processes_writes_the_table_of_one(tmp_path, cache_dir, source):
+    """Each process reads every other part of the held-out data (and splices every other batch);
+    the sums are added up: the same table as one process, to float tolerance."""
+    import pyarrow.parquet as pq
+
+    from mlsae.evaluate import evaluate
+
+    model = tiny_model("llama", n_layers=3, seed=5)
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": t.lower()}) for t in TEXT))
+    train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "run"), **SETTINGS))
+    model_dir = tmp_path / "model"
+    model.model.save_pretrained(model_dir)
+    model.tokenizer.save_pretrained(model_dir)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    meta["model"] = str(model_dir)  # a folder the launched processes can load the same model from
+    (tmp_path / "run" / "config.json").write_text(json.dumps(meta))
+    data = str(cache_dir) if source == "cache" else str(tmp_path / "t.jsonl")
+    args = ["eval", str(tmp_path / "run"), "--data", data, "--tokens", "700", "--downstream-tokens", "150",
+            "--batch-tokens", "128", "--ctx", "32", "--device", "cpu", "--no-reuse-ablations"]
+    one = evaluate(tmp_path / "run", data, 700, 150, ctx=32, model=model, device="cpu", batch_tokens=128, progress=False,
+                   out=tmp_path / "one", reuse_ablations=False)
+    done = torchrun(2, *args, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = pq.read_table(tmp_path / "two" / "eval.parquet")
+    assert two.column_names == one.column_names and two.column("layer").to_pylist() == one.column("layer").to_pylist()
+    for col in one.column_names[1:]:
+        for a, b in zip(one.column(col).to_pylist(), two.column(col).to_pylist()):
+            assert (a is None and b is None) or b == pytest.approx(a, rel=1e-4, abs=1e-6), col
+    assert json.loads((tmp_path / "two" / "eval.json").read_text())["tokens"] == 700

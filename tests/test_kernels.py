@@ -238,3 +238,23 @@ def test_resolve_impl(record_property, capsys):
         topk_encode(p["x"], p["W_enc"], p["b_enc"], 7)
     with pytest.raises(MlsaeError, match=r"\[N, 4\]"):
         topk_encode(p["x"][:, :3], p["W_enc"], p["b_enc"], 2)
+
+
+@pytest.mark.parametrize("keep_pre", [True, False])
+def test_the_encoder_in_row_blocks_equals_one_pass(monkeypatch, keep_pre):
+    """Above ROW_BLOCK rows the sparse encoder codes block by block: the same codes, values and gradients."""
+    import mlsae.kernels as kernels
+
+    p = make_sae(50, 8, 40, 5, seed=12)
+    outs = {}
+    for block in (1024, 16):  # one pass; blocks of 16 rows, the last one shorter
+        monkeypatch.setattr(kernels, "ROW_BLOCK", block)
+        q = leaves({name: p[name] for name in ("x", "W_enc", "b_enc", "W_dec")})
+        acts, idx, pre = topk_encode(q["x"], q["W_enc"], q["b_enc"], 5, impl="sparse", keep_pre=keep_pre)
+        sparse_decode(acts, idx, q["W_dec"]).pow(2).sum().backward()
+        outs[block] = (acts, idx, pre, q["x"].grad, q["W_enc"].grad, q["b_enc"].grad, q["W_dec"].grad)
+    (a_acts, a_idx, a_pre, *a_grads), (b_acts, b_idx, b_pre, *b_grads) = outs[1024], outs[16]
+    assert torch.equal(a_idx, b_idx) and a_acts.abs().sum() > 0
+    assert (a_pre is None and b_pre is None) if not keep_pre else torch.allclose(a_pre, b_pre, rtol=1e-6, atol=1e-6)
+    for a, b in zip([a_acts, *a_grads], [b_acts, *b_grads]):  # a matmul of fewer rows may round differently
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

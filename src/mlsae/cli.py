@@ -78,7 +78,9 @@ def run_sweep(cfg: cfgmod.SweepConfig) -> None:
 
 
 def run_eval(cfg: cfgmod.EvalConfig) -> None:
+    from .dist import device_for, world
     from .evaluate import check_layers, compare, default_downstream_tokens, evaluate, format_table
+    from .model import resolve_device
     from .runs import cache_for, locate_run, require_data
 
     runs = [cfg.run] + list(cfg.compare or [])
@@ -93,24 +95,27 @@ def run_eval(cfg: cfgmod.EvalConfig) -> None:
         cache_for(meta, cfg.data)
         metas.append(meta)
     model = None
+    w = world(resolve_device(cfg.device))  # under torchrun each process evaluates its share of the text
+    device = device_for(cfg.device, w)
+    say = print if w.writes else (lambda *_: None)
     downstream_tokens = default_downstream_tokens(cfg.tokens, cfg.downstream_tokens)
     if downstream_tokens > 0 or not (Path(cfg.data) / "manifest.json").is_file():
         from .model import load_model
 
-        model = load_model(metas[0]["model"], device=cfg.device)
+        model = load_model(metas[0]["model"], device=device)
     tables = {}
     for name, run in zip(names, runs):
         out = Path(cfg.out) / Path(run).name if cfg.out and len(runs) > 1 else cfg.out
-        print(f"evaluating {run}")
+        say(f"evaluating {run}")
         tables[name] = evaluate(
-            run, cfg.data, cfg.tokens, downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, cfg.device,
+            run, cfg.data, cfg.tokens, downstream_tokens, cfg.split, cfg.ctx, cfg.layers, model, device,
             cfg.batch_tokens, out, ablations=cfg.ablations, paper_definitions=cfg.paper_definitions,
             allow_unfinished=cfg.allow_unfinished, reuse_ablations=cfg.reuse_ablations,
         )
         shown = [c for c in ("layer", "fvu", "fvu_standardized", "fvu_lens_standardized", "fvu_paper", "mse", "l0", "l1", "dead_fraction", "delta_ce",
                              "delta_ce_paper", "kl", "kl_paper", "loss_recovered_zero") if c in tables[name].column_names]
-        print(format_table(tables[name], shown))
-    if len(runs) > 1:
+        say(format_table(tables[name], shown))
+    if len(runs) > 1 and w.writes:
         import pyarrow.parquet as pq
 
         table = compare(tables)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .activations import check_finite
 from .assets import cache_dir
 from .config import save_json
+from .dist import World, device_for, world
 from .integrity import sha256
 from .errors import MlsaeError
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
@@ -100,6 +101,17 @@ class ReconstructionStats:
         s["sq_std"] += xs.pow(2).sum((0, 2))
         s["err"] += (x - x_hat).pow(2).sum((0, 2))
         s["err_std"] += (xs - xs_hat).pow(2).sum((0, 2))
+
+    def reduce(self, w: World) -> None:
+        """Sum the processes' statistics (each counted its own batches): every one then holds the whole's."""
+        if not w.distributed:
+            return
+        if self.lens is not None:
+            self.lens.reduce(w)
+        for key in self.sums:
+            self.sums[key] = w.sum(self.sums[key].contiguous())
+        self.fired = w.any(self.fired)
+        self.count = int(w.sum(torch.tensor([self.count], dtype=torch.int64)).item())
 
     def layer_means(self) -> Tensor:
         """``[layers, d]``: the mean raw residual per layer (the mean-ablation replacement)."""
@@ -206,6 +218,7 @@ def downstream(
     ablations: bool = True,
     paper_definitions: bool = False,
     reuse_ablations: bool = False,
+    world: World = World(),
 ) -> dict[str, list]:
     """CE, delta CE, KL and loss recovered per layer, for spliced, zero- and mean-ablated residuals.
 
@@ -217,7 +230,8 @@ def downstream(
     position, the first (attention sink) and special tokens included, and every position is
     scored, as Lawson et al.'s code does. ``reuse_ablations``: take the zero- and mean-ablation
     sums from :class:`AblationBaselines` when measured before (and store them when not), so only
-    the coder's own splices run.
+    the coder's own splices run. Under torchrun (``world``) each process splices every
+    world-size-th batch and the sums are added up.
     """
     device = model.device
     special = special_token_ids(model.tokenizer)
@@ -228,6 +242,8 @@ def downstream(
     store = AblationBaselines(model, windows, layers, layer_means, exclude_first_position, windows_per_batch) \
         if ablations and reuse_ablations else None
     stored = store.load() if store is not None else None
+    if world.distributed and int(world.sum(torch.tensor([stored is not None], dtype=torch.int64))) < world.size:
+        stored = None  # every process measures them, unless every process found them
     if stored is not None:
         sums.update(stored)
         suffixes = [s for s in suffixes if s not in AblationBaselines.VARIANTS]
@@ -238,7 +254,7 @@ def downstream(
         if not groups or len(groups[-1]) == windows_per_batch or len(groups[-1][0]) != len(w):
             groups.append([])
         groups[-1].append(w)
-    batches = [torch.stack(g) for g in groups]
+    batches = [torch.stack(g) for g in groups][world.rank :: world.size]
     with tqdm(total=len(batches) * len(layers), desc="downstream (layers x batches)", disable=not progress) as bar:  # closed before an error is printed
         for ids in batches:
             ids = ids.to(device)
@@ -272,11 +288,17 @@ def downstream(
                     sums["ce" + suffix][j] += ce
                     sums["kl" + suffix][j] += kl
                 bar.update(1)
+    if world.distributed:
+        for key in sums:
+            sums[key] = world.sum(sums[key])
+        totals = world.sum(torch.tensor([clean[""][0], clean[""][1], clean["_paper"][0], clean["_paper"][1]], dtype=torch.float64))
+        clean = {"": [float(totals[0]), int(totals[1])], "_paper": [float(totals[2]), int(totals[3])]}
     count = clean[""][1]
     if count == 0:
         raise MlsaeError("downstream evaluation saw no positions that count; use more tokens or a longer context")
-    if store is not None and stored is None:
+    if store is not None and stored is None and world.writes:
         store.save(sums)
+    world.barrier()  # the stored file is complete before any process looks for it again
     ce_clean = clean[""][0] / count
     out = {k: (v / (clean["_paper"][1] if k.endswith("_paper") else count)).tolist() for k, v in sums.items()}
     out["ce_clean"] = [ce_clean] * len(layers)
@@ -324,7 +346,9 @@ def evaluate(
     """
     started = time.perf_counter()
     downstream_tokens = default_downstream_tokens(tokens, downstream_tokens)
-    dev = resolve_device(device)
+    ranks = world(resolve_device(device))
+    dev = resolve_device(device_for(device, ranks))
+    progress = progress and ranks.writes
     run = open_run(run_dir, dev, allow_unfinished)
     require_data(run.folder, run.meta, data)
     layers = check_layers(run.folder, run.coder.layers, layers)
@@ -337,9 +361,17 @@ def evaluate(
     stats = ReconstructionStats(len(run.coder.layers), run.coder.n_latents, run.coder.latent_space == "per_layer")
     source = held_out(run, model, cache, data, split, ctx, batch_tokens)
     windows = source.windows
+    counted = 0  # over all processes; each reads every world-size-th part
     with tqdm(total=tokens, unit="tok", desc="reconstruction", disable=not progress) as bar:  # closed before an error is printed
-        for batch in source.batches:
-            batch = batch.slice(0, tokens - stats.count)
+        for j, part in enumerate(source.parts):
+            take = min(part.n_rows, tokens - counted)
+            counted += take
+            bar.update(take)
+            if j % ranks.size != ranks.rank:
+                if counted >= tokens:
+                    break
+                continue
+            batch = part.load().slice(0, take)
             x = batch.acts.to(dev, torch.float32)
             check_finite(x, "evaluation data", run.coder.layers)
             with torch.no_grad():
@@ -347,9 +379,9 @@ def evaluate(
             acts, idx = run.coder.codes_at_layers(o.top_acts, o.top_idx)  # L0, L1 and dead per layer
             lens = run.coder.lens_space(x, o.x_hat)
             stats.update(x.cpu(), o.x_hat.cpu(), acts.cpu(), idx.cpu(), None if lens is None else (lens[0].cpu(), lens[1].cpu()))
-            bar.update(len(batch))
-            if stats.count >= tokens:
+            if counted >= tokens:
                 break
+    stats.reduce(ranks)
     if stats.count == 0:
         raise MlsaeError(f"evaluation data {data} gave no tokens")
     recon = stats.table()
@@ -378,10 +410,12 @@ def evaluate(
             counted += scored
         ctx_len = int(chosen[0].shape[0])
         ds = downstream(model, run.coder, chosen, layers, stats.layer_means().float().to(dev), excl,
-                        max(1, batch_tokens // ctx_len // 2), progress, ablations, paper_definitions, reuse_ablations)
+                        max(1, batch_tokens // ctx_len // 2), progress, ablations, paper_definitions, reuse_ablations, ranks)
         columns.update(ds)
         ds_seconds = time.perf_counter() - ds_started
     table = pa.table(columns)
+    if not ranks.writes:  # under torchrun, rank 0 writes the tables
+        return table
     out = Path(out) if out else run.folder
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "eval.parquet")

@@ -18,7 +18,9 @@ tests check it against. ``resolve_impl("auto")`` names the fast path chosen at i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,30 @@ def _top(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.relu(), idx
 
 
+ROW_BLOCK = int(os.environ.get("MLSAE_ENCODER_ROWS", "1024"))
+"""Rows whose pre-activations the sparse encoder computes and reduces at once on CPU: the TopK then
+reads them while they are still in cache, and the [N, n_latents] matrix is never held whole
+(``MLSAE_ENCODER_ROWS`` overrides it; a huge value gives one pass)."""
+
+
+def _pre_top(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """TopK of the pre-activations, ROW_BLOCK rows at a time (the same numbers as one pass:
+    each row's matmul and TopK do not depend on the other rows); the whole pre-activation
+    matrix only when ``keep_pre``."""
+    if x.shape[0] <= ROW_BLOCK or x.device.type != "cpu":
+        pre = _pre_acts(x, W_enc, b_enc)
+        return (*_top(pre, k), pre if keep_pre else None)
+    acts = x.new_empty(x.shape[0], k)
+    idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+    pre_all = x.new_empty(x.shape[0], W_enc.shape[0]) if keep_pre else None
+    for i in range(0, x.shape[0], ROW_BLOCK):
+        pre = _pre_acts(x[i : i + ROW_BLOCK], W_enc, b_enc)
+        acts[i : i + ROW_BLOCK], idx[i : i + ROW_BLOCK] = _top(pre, k)
+        if pre_all is not None:
+            pre_all[i : i + ROW_BLOCK] = pre
+    return acts, idx, pre_all
+
+
 def _bag(idx: Tensor, weight: Tensor, coef: Tensor) -> Tensor:
     """out[r] = sum_j coef[r, j] * weight[idx[r, j]]: one fused gather-scale-sum, no [N, k, d] temporary."""
     return F.embedding_bag(idx, weight, per_sample_weights=coef, mode="sum")
@@ -50,11 +76,10 @@ class _SparseTopKEncode(torch.autograd.Function):
     """TopK encoder whose backward touches only the k active latents of each row."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
-        pre = _pre_acts(x, W_enc, b_enc)
-        acts, idx = _top(pre, k)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool):
+        acts, idx, pre = _pre_top(x, W_enc, b_enc, k, keep_pre)
         ctx.save_for_backward(x, W_enc, acts, idx)
-        ctx.mark_non_differentiable(idx, pre)
+        ctx.mark_non_differentiable(idx, *([pre] if pre is not None else []))
         ctx.set_materialize_grads(False)  # else autograd hands backward a zero [N, n_latents] grad for pre
         return acts, idx, pre
 
@@ -62,7 +87,7 @@ class _SparseTopKEncode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_acts: Tensor, _g_idx, _g_pre):
         if g_acts is None:
-            return None, None, None, None
+            return None, None, None, None, None
         x, W_enc, acts, idx = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
         g = (g_acts * (acts > 0)).to(W_enc.dtype).contiguous()  # ReLU after TopK: clipped entries pass nothing
@@ -76,17 +101,17 @@ class _SparseTopKEncode(torch.autograd.Function):
             grad_x = gx.detach() if need_x else None
         if need_b:
             grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None
+        return grad_x, grad_W, grad_b, None, None
 
 
-def _encode_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    return _SparseTopKEncode.apply(x, W_enc, b_enc, k)
+def _encode_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    return _SparseTopKEncode.apply(x, W_enc, b_enc, k, keep_pre)
 
 
-def _encode_dense(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _encode_dense(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     pre = _pre_acts(x, W_enc, b_enc)
     acts, idx = _top(pre, k)
-    return acts, idx, pre.detach()
+    return acts, idx, pre.detach() if keep_pre else None
 
 
 def _decode_sparse(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor) -> Tensor:
@@ -108,7 +133,7 @@ def _pick_fast() -> str:
         x = torch.randn(3, 4, requires_grad=True)
         W = torch.randn(5, 4, requires_grad=True)
         b = torch.zeros(5, requires_grad=True)
-        acts, idx, _ = _encode_sparse(x, W, b, 2)
+        acts, idx, _ = _encode_sparse(x, W, b, 2, False)
         _decode_sparse(acts, idx, W).sum().backward()
         ok = all(t.grad is not None for t in (x, W, b))
         return "sparse" if ok else "dense"
@@ -129,19 +154,20 @@ def resolve_impl(name: str) -> str:
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, impl: str = "sparse"
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, impl: str = "sparse", keep_pre: bool = True
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """TopK encoder (DESIGN.md section 2; MLSAE paper's TopK SAE).
 
     x: [N, d], already centred (x - b_pre); W_enc: [n_latents, d]; b_enc: [n_latents].
-    Returns top_acts [N, k] (after ReLU), top_idx [N, k] int64 and pre_acts [N, n_latents] (detached).
+    Returns top_acts [N, k] (after ReLU), top_idx [N, k] int64 and pre_acts [N, n_latents]
+    (detached; None unless ``keep_pre``: the sparse path then never holds that matrix whole).
     Gradients flow to x, W_enc and b_enc; impl "sparse" never builds an [N, n_latents] gradient.
     """
     if x.dim() != 2 or x.shape[1] != W_enc.shape[1]:
         raise MlsaeError(f"topk_encode: x has shape {tuple(x.shape)}, expected [N, {W_enc.shape[1]}]")
     if not 1 <= k <= W_enc.shape[0]:
         raise MlsaeError(f"topk_encode: k={k} must be between 1 and n_latents={W_enc.shape[0]}")
-    return _ENCODERS[resolve_impl(impl)](x, W_enc, b_enc, k)
+    return _ENCODERS[resolve_impl(impl)](x, W_enc, b_enc, k, keep_pre)
 
 
 def sparse_decode(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor, impl: str = "sparse") -> Tensor:

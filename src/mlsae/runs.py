@@ -10,6 +10,7 @@ latest checkpoint), and what evaluation, analysis and the report write beside th
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sys
@@ -17,16 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import checkpoint
-from .activations import ActivationBatch, ActivationCache, live_batches
+from .activations import ActivationBatch, ActivationCache, RowBuffer, live_batches
 from .config import DataConfig, from_dict
 from .errors import MlsaeError
-from .model import ResidualModel
+from .model import ResidualModel, special_token_ids
 from .sae import SparseCoder, load_coder, read_coder_config, save_coder
-from .text import check_source, data_windows
+from .text import check_source, data_windows, keep_mask
 
 
 class RunFolder:
@@ -195,11 +197,18 @@ def cache_for(meta: dict, data: str, verify: bool = False) -> Optional[Activatio
 
 @dataclass
 class HeldOut:
-    """Held-out batches of the run's layers and the windows they come from."""
+    """Held-out batches of the run's layers, each known by its size before it is read (so the
+    processes of a torchrun split them without reading one another's), and the windows they
+    come from."""
 
-    batches: Iterator[ActivationBatch]
-    windows: list[Tensor]  # for text, filled as the batches are read
+    parts: Iterator[RowBuffer]
+    windows: list[Tensor]  # for text, filled as the parts are listed
     exclude_first_position: bool
+
+    @property
+    def batches(self) -> Iterator[ActivationBatch]:
+        """Every part, read in order."""
+        return (part.load() for part in self.parts)
 
 
 def held_out(
@@ -208,16 +217,35 @@ def held_out(
 ) -> HeldOut:
     """Batches in file order from a cache, or captured live from text packed like the run's."""
     if cache is not None:
-        return HeldOut(cache.batches(batch_tokens, shuffle=False), list(cache.windows),
-                       cache.manifest.get("exclude_first_position", True))
+        def cached() -> Iterator[RowBuffer]:
+            for start in range(0, len(cache), batch_tokens):
+                rows = np.arange(start, min(start + batch_tokens, len(cache)))
+                yield RowBuffer(len(rows), lambda rows=rows: cache._read(rows))
+
+        return HeldOut(cached(), list(cache.windows), cache.manifest.get("exclude_first_position", True))
     win_iter, data_cfg = windows_for_run(run, model, data, split, ctx)
     windows: list[Tensor] = []
-
-    def recorded() -> Iterator[Tensor]:
-        for w in win_iter:
-            windows.append(w)
-            yield w
-
     excl = data_cfg.exclude_first_position
-    batches = live_batches(model, recorded(), run.coder.layers, max(1, batch_tokens // data_cfg.ctx), excl)
-    return HeldOut(batches, windows, excl)
+    special = special_token_ids(model.tokenizer)
+    per_batch = max(1, batch_tokens // data_cfg.ctx)
+
+    def captured() -> Iterator[RowBuffer]:
+        group: list[Tensor] = []
+        for w in itertools.chain(win_iter, [None]):
+            if w is not None:
+                windows.append(w)
+                group.append(w)
+            if group and (len(group) == per_batch or w is None):
+                first = len(windows) - len(group)
+                n_rows = int(keep_mask(torch.stack(group), special, excl).sum())
+                yield RowBuffer(n_rows, lambda group=group, first=first: _capture(model, group, first, run.coder.layers, excl))
+                group = []
+
+    return HeldOut(captured(), windows, excl)
+
+
+def _capture(model: ResidualModel, group: list[Tensor], first: int, layers: list[int], excl: bool) -> ActivationBatch:
+    """One group of windows through the model; window numbers counted from the text's start."""
+    (batch,) = live_batches(model, group, layers, len(group), excl)
+    batch.window += first
+    return batch

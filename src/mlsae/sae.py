@@ -173,8 +173,8 @@ class TopK(nn.Module):
         return self.W_enc.shape[0]
 
     def encode(self, x: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``x: [M, d]`` -> (top_acts [M, k], top_idx [M, k], pre-activations [M, n] detached)."""
-        acts, idx, pre = topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl)
+        """``x: [M, d]`` -> (top_acts [M, k], top_idx [M, k], None: the pre-activations are not kept)."""
+        acts, idx, pre = topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl, keep_pre=False)
         if self.b_post is not None:
             acts = torch.where(acts > 0, torch.relu(acts + self.b_post[idx]), acts)
         return acts, idx, pre
