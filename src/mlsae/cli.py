@@ -41,16 +41,23 @@ def run_cache(cfg: cfgmod.CacheConfig) -> None:
     )
 
 
-def run_train(cfg: cfgmod.TrainConfig) -> None:
-    from .train import train
-
+def _training(run: Callable, cfg):
+    """Run a training command: Ctrl-C exits with 130 once the checkpoints are saved; under
+    torchrun only rank 0 reports (None on the other ranks)."""
     from .dist import world
 
     try:
-        result = train(cfg)
+        result = run(cfg)
     except KeyboardInterrupt:
         raise SystemExit(130)
-    if not world().writes:  # under torchrun, rank 0 reports
+    return result if world().writes else None
+
+
+def run_train(cfg: cfgmod.TrainConfig) -> None:
+    from .train import train
+
+    result = _training(train, cfg)
+    if result is None:
         return
     print(
         f"trained {cfg.arch} on {result.get('tokens', 0):,} tokens: loss {result.get('loss', float('nan')):.4f}, "
@@ -61,13 +68,8 @@ def run_train(cfg: cfgmod.TrainConfig) -> None:
 def run_sweep(cfg: cfgmod.SweepConfig) -> None:
     from .train import sweep
 
-    from .dist import world
-
-    try:
-        results = sweep(cfg)
-    except KeyboardInterrupt:
-        raise SystemExit(130)
-    if not world().writes:  # under torchrun, rank 0 reports
+    results = _training(sweep, cfg)
+    if results is None:
         return
     width = max(len(name) for name in results)
     print(f"{'run'.ljust(width)}  {'tokens':>10}  {'FVU':>7}  {'dead':>6}")
