@@ -126,3 +126,40 @@ def test_eval_under_two_processes_writes_the_table_of_one(tmp_path, cache_dir, s
         for a, b in zip(one.column(col).to_pylist(), two.column(col).to_pylist()):
             assert (a is None and b is None) or b == pytest.approx(a, rel=1e-4, abs=1e-6), col
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["tokens"] == 700
+
+
+def test_analyze_under_two_processes_writes_the_tables_of_one(tmp_path, cache_dir):
+    """Layer distributions, drift and top examples accumulated per process and merged: the tables of one process."""
+    import pyarrow.parquet as pq
+
+    from mlsae.analyze import analyze
+
+    model = tiny_model("llama", n_layers=3, seed=5)
+    train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "run"), **SETTINGS))
+    model_dir = tmp_path / "model"
+    model.model.save_pretrained(model_dir)
+    model.tokenizer.save_pretrained(model_dir)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    meta["model"] = str(model_dir)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(meta))
+    one = analyze(tmp_path / "run", str(cache_dir), 900, model=model, device="cpu", batch_tokens=128, top_n=4,
+                  out=tmp_path / "one", progress=False)
+    done = torchrun(2, "analyze", str(tmp_path / "run"), "--data", str(cache_dir), "--tokens", "900", "--batch-tokens", "128",
+                    "--top-n", "4", "--device", "cpu", "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["n_tokens"] == one["n_tokens"] == 900
+    for key in ("variance_ratio", "variance_ratio_paper", "multi_layer_fraction_aggregated", "multi_layer_fraction_per_token"):
+        assert two["layers"][key] == pytest.approx(one["layers"][key], rel=1e-6), key
+    assert two["drift"]["mean_cosine"] == pytest.approx(one["drift"]["mean_cosine"], rel=1e-6)
+    for name in ("latents", "layer_distribution", "examples"):
+        a, b = pq.read_table(tmp_path / "one" / f"{name}.parquet"), pq.read_table(tmp_path / "two" / f"{name}.parquet")
+        assert a.column_names == b.column_names and a.num_rows == b.num_rows > 0, name
+        for col in a.column_names:
+            x, y = a.column(col).to_pylist(), b.column(col).to_pylist()
+            if a.schema.field(col).type in ("double", "float"):
+                assert [v is None for v in x] == [v is None for v in y], (name, col)
+                assert [v for v in y if v is not None] == pytest.approx([v for v in x if v is not None], rel=1e-6, abs=1e-9,
+                                                                         nan_ok=True), (name, col)
+            else:
+                assert x == y, (name, col)

@@ -33,6 +33,7 @@ from .analysis import (
     decoder_geometry, flow_by_bucket, flow_items, information_flow, joint_latents, most_active, prompt_heatmap,
 )
 from .config import JointAnalysisConfig, save_json
+from .dist import World, device_for, world
 from .integrity import write_checksums
 from .errors import MlsaeError
 from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
@@ -78,12 +79,16 @@ def analyze(
     joint: Optional[JointAnalysisConfig] = None,
 ) -> dict:
     """Analyse a run on held-out text; returns the summary (also written to summary.json).
+    Under torchrun each process reads every world-size-th part of the text and rank 0 merges,
+    finishes and writes (the other processes return an empty summary).
 
     ``joint`` holds the settings of a concat run's own analyses (defaults when None).
     """
     started = time.perf_counter()
     joint = joint or JointAnalysisConfig()
-    dev = resolve_device(device)
+    ranks = world(resolve_device(device))
+    dev = resolve_device(device_for(device, ranks))
+    progress = progress and ranks.writes
     run = open_run(run_dir, dev, allow_unfinished)
     require_data(run.folder, run.meta, data)
     coder = run.coder
@@ -93,7 +98,8 @@ def analyze(
         model = load_model(run.meta["model"], device=str(dev))
     check_model(run, model)
     out = Path(out) if out else run.folder / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.writes:
+        out.mkdir(parents=True, exist_ok=True)
     shared = coder.latent_space == "shared"
     layers = coder.layers
     source = held_out(run, model, cache, data, split, ctx, batch_tokens)
@@ -102,29 +108,41 @@ def analyze(
     dist = LayerDistribution(coder.n_latents, layers, shared_dictionary=coder.latent_space != "per_layer")
     examples = TopExamples(coder.n_latents, layers, n=top_n, per_layer=True)
     drift: Optional[Drift] = None
-    seen = 0
+    seen = 0  # over all processes: under torchrun each reads every world-size-th part
     with tqdm(total=tokens, unit="tok", desc="analyse", disable=not progress) as bar:  # closed before an error is printed
-        for batch in source.batches:
-            batch = batch.slice(0, tokens - seen)
+        for j, part in enumerate(source.parts):
+            take = min(part.n_rows, tokens - seen)
+            seen += take
+            bar.update(take)
+            mine = j % ranks.size == ranks.rank
+            if not (mine or drift is None):
+                if seen >= tokens:
+                    break
+                continue
+            batch = part.load().slice(0, take)
             x = batch.acts.to(dev, torch.float32)
             check_finite(x, "analysis data", layers)
             with torch.no_grad():
-                o = coder(x)
                 seen_x = (coder.lens_space(x) or (x,))[0].cpu()  # a lens run's analyses read the translated vectors
-            if drift is None:  # centre by the layer means of the first batch (a few thousand tokens)
+            if drift is None:  # centre by the layer means of the first batch (a few thousand tokens; every process reads it)
                 means = LayerMeans(layers, coder.d_model)
                 means.update(seen_x)
                 drift = Drift(layers, layer_means=means.result())
+            if not mine:
+                continue
+            with torch.no_grad():
+                o = coder(x)
             drift.update(seen_x)
             activity, at_layers = (t.cpu() for t in coder.layer_profile(o.top_acts, o.top_idx))  # the arrangement's per-layer profile
             dist.update(activity, at_layers)
             examples.update(activity, at_layers, batch.token_ids, batch.window, batch.position)
-            seen += len(batch)
-            bar.update(len(batch))
             if seen >= tokens:
                 break
     if drift is None:
         raise MlsaeError(f"analysis data {data} gave no tokens")
+    _add_up(ranks, dist, drift, examples)
+    if not ranks.writes:  # under torchrun, rank 0 finishes and writes the tables
+        return {}
 
     tables = dist.result()
     windows_t = torch.stack(windows)
@@ -164,6 +182,20 @@ def analyze(
     save_json(out / "summary.json", summary)
     write_checksums(out)  # last: the report refuses a table that no longer matches
     return summary
+
+
+def _add_up(ranks: World, dist: LayerDistribution, drift: Drift, examples: TopExamples) -> None:
+    """Under torchrun: every process's accumulators (of its own tokens) merged into the whole's."""
+    if not ranks.distributed:
+        return
+    ranks.sum_fields(dist, LayerDistribution.SUMMED)
+    ranks.sum_fields(drift, Drift.SUMMED)
+    keys = ranks.gather(examples.key)
+    slabs = [{} for _ in keys]
+    for f, slab in examples.slab.items():
+        for r, part in enumerate(ranks.gather(slab)):
+            slabs[r][f] = part
+    examples.absorb(keys, slabs)
 
 
 def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], ctx: int, exclude_first: bool = True) -> pa.Table:

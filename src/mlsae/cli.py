@@ -134,6 +134,8 @@ def run_analyze(cfg: cfgmod.AnalyzeConfig) -> None:
     summary = analyze(cfg.run, cfg.data, cfg.tokens, cfg.split, cfg.ctx, cfg.prompt or (), cfg.top_n, None, cfg.device,
                       cfg.batch_tokens, cfg.out, allow_unfinished=cfg.allow_unfinished,
                       joint=cfgmod.subset(cfg, cfgmod.JointAnalysisConfig))
+    if not summary:  # under torchrun, rank 0 reports
+        return
     print(headline(summary))
     print(f"tables written to {Path(cfg.out) if cfg.out else Path(cfg.run) / 'analysis'}")
 

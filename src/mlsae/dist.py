@@ -85,6 +85,26 @@ class World:
         if int(t[0]) != -int(t[1]):
             raise MlsaeError(f"the ranks disagree on {what} ({-int(t[1])} to {int(t[0])}); every rank must start alike")
 
+    def sum_fields(self, obj, names) -> None:
+        """Sum the named attributes of an accumulator (tensors, ints, floats) over the ranks, in place."""
+        if not self.distributed:
+            return
+        for name in names:
+            value = getattr(obj, name)
+            if isinstance(value, Tensor):
+                setattr(obj, name, self.sum(value.contiguous()))
+            else:
+                total = self.sum(torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.int64))
+                setattr(obj, name, type(value)(total.item()))
+
+    def gather(self, t: Tensor) -> list[Tensor]:
+        """``t`` from every rank (same shapes), in rank order."""
+        if not self.distributed:
+            return [t]
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        tdist.all_gather(parts, t.contiguous())
+        return parts
+
     def barrier(self) -> None:
         if self.distributed:
             tdist.barrier()

@@ -73,6 +73,9 @@ class Drift:
     so a pair is adjacent in the capture list, not necessarily in the model.
     """
 
+    SUMMED = ("sum", "sumsq", "hist", "count")
+    """The state, all sums over tokens: accumulators of disjoint tokens add up to the accumulator of all."""
+
     def __init__(
         self,
         layers: Sequence[int],

@@ -113,6 +113,20 @@ class TopExamples:
             slab[row, rank] = values[f]
             self.slab[f][touched] = slab
 
+    def absorb(self, keys: Sequence[Tensor], slabs: Sequence[dict[str, Tensor]]) -> None:
+        """Keep the top n of every group over several accumulators' states (``key``, ``slab``) of
+        disjoint sets of tokens (read by different processes). On exact ties the example earlier
+        in the text (window, then position) ranks first, as one process reading it all ranks them."""
+        key = torch.cat(list(keys), 1)
+        slab = {f: torch.cat([s[f] for s in slabs], 1) for f in _PAYLOAD}
+        where = slab["window"].long() * 2**31 + slab["position"].long()
+        by_place = where.argsort(dim=1, stable=True)
+        key = key.gather(1, by_place)
+        key, order = key.sort(dim=1, stable=True)
+        keep = by_place.gather(1, order[:, : self.n])
+        self.key = key[:, : self.n].contiguous()
+        self.slab = {f: v.gather(1, keep).contiguous() for f, v in slab.items()}
+
     def result(self) -> pa.Table:
         """Columns latent, layer (actual number), rank, activation, window, position, token_id;
         sorted by latent, layer, rank."""

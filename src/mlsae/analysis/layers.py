@@ -40,6 +40,10 @@ from .joint import layers_holding
 class LayerDistribution:
     """Streaming per-latent layer statistics from sparse codes ``[tokens, layers, k]``."""
 
+    SUMMED = ("act_sum", "fire_count", "n_tokens", "pt_var_sum", "pt_layers_sum", "pt_multi", "pt_hist", "q_sum",
+              "token_frac_sum", "tokens_with_codes", "tokens_seen")
+    """The state, all sums over tokens: accumulators of disjoint tokens add up to the accumulator of all."""
+
     def __init__(
         self,
         n_latents: int,
