@@ -11,6 +11,7 @@ fitted on), each of which is the identity in a single process.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -128,8 +129,14 @@ def world(device: Optional[torch.device] = None) -> World:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        atexit.register(_close)  # a process group left open can abort the interpreter at exit
     _WORLD = World(rank, size, local_rank)
     return _WORLD
+
+
+def _close() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def device_for(name: str, w: World) -> str:
