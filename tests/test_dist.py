@@ -43,6 +43,18 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+def trained_run(tmp_path, cache_dir):
+    """A run in tmp_path/run whose model is a saved folder the launched processes load too; the model."""
+    model = tiny_model("llama", n_layers=3, seed=5)
+    train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "run"), **SETTINGS))
+    model.model.save_pretrained(tmp_path / "model")
+    model.tokenizer.save_pretrained(tmp_path / "model")
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    meta["model"] = str(tmp_path / "model")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(meta))
+    return model
+
+
 def weights(folder):
     return load_file(str(folder / "sae.safetensors"))
 
@@ -104,15 +116,8 @@ def test_eval_under_two_processes_writes_the_table_of_one(tmp_path, cache_dir, s
 
     from mlsae.evaluate import evaluate
 
-    model = tiny_model("llama", n_layers=3, seed=5)
+    model = trained_run(tmp_path, cache_dir)
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": t.lower()}) for t in TEXT))
-    train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "run"), **SETTINGS))
-    model_dir = tmp_path / "model"
-    model.model.save_pretrained(model_dir)
-    model.tokenizer.save_pretrained(model_dir)
-    meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    meta["model"] = str(model_dir)  # a folder the launched processes can load the same model from
-    (tmp_path / "run" / "config.json").write_text(json.dumps(meta))
     data = str(cache_dir) if source == "cache" else str(tmp_path / "t.jsonl")
     args = ["eval", str(tmp_path / "run"), "--data", data, "--tokens", "700", "--downstream-tokens", "150",
             "--batch-tokens", "128", "--ctx", "32", "--device", "cpu", "--no-reuse-ablations"]
@@ -134,14 +139,7 @@ def test_analyze_under_two_processes_writes_the_tables_of_one(tmp_path, cache_di
 
     from mlsae.analyze import analyze
 
-    model = tiny_model("llama", n_layers=3, seed=5)
-    train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "run"), **SETTINGS))
-    model_dir = tmp_path / "model"
-    model.model.save_pretrained(model_dir)
-    model.tokenizer.save_pretrained(model_dir)
-    meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    meta["model"] = str(model_dir)
-    (tmp_path / "run" / "config.json").write_text(json.dumps(meta))
+    model = trained_run(tmp_path, cache_dir)
     one = analyze(tmp_path / "run", str(cache_dir), 900, model=model, device="cpu", batch_tokens=128, top_n=4,
                   out=tmp_path / "one", progress=False)
     done = torchrun(2, "analyze", str(tmp_path / "run"), "--data", str(cache_dir), "--tokens", "900", "--batch-tokens", "128",
