@@ -161,3 +161,117 @@ def test_analyze_under_two_processes_writes_the_tables_of_one(tmp_path, cache_di
                                                                          nan_ok=True), (name, col)
             else:
                 assert x == y, (name, col)
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting the coder itself: layers (per-layer SAEs) or latents over the processes
+
+
+def test_distribute_layers_trains_the_per_layer_saes_one_process_trains(tmp_path, cache_dir):
+    """3 layers over 2 processes (2 + 1): the activations are exchanged, each process trains its
+    layers' SAEs on the whole batches, and rank 0 writes the whole coder."""
+    train(TrainConfig(cache=str(cache_dir), arch="per-layer", out=str(tmp_path / "one"), **SETTINGS))
+    done = torchrun(2, "train", "--cache", str(cache_dir), "--arch", "per-layer", "--distribute-layers",
+                    "--out", str(tmp_path / "two"), *flags())
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(tmp_path / "one", tmp_path / "two", tol=1e-5)
+    one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(one, two):  # every layer's FVU, gathered from the process that holds it
+        assert b["fvu_per_layer"] == pytest.approx(a["fvu_per_layer"], rel=1e-4) and b["dead_fraction"] == a["dead_fraction"]
+
+
+@pytest.mark.parametrize("arch", ["mlsae", "concat"])
+def test_shard_latents_trains_the_coder_one_process_trains(tmp_path, cache_dir, arch):
+    extra = {"expansion_factor": 1} if arch == "concat" else {}
+    train(TrainConfig(cache=str(cache_dir), arch=arch, out=str(tmp_path / "one"), **{**SETTINGS, **extra}))
+    done = torchrun(2, "train", "--cache", str(cache_dir), "--arch", arch, "--shard-latents",
+                    "--out", str(tmp_path / "two"), *flags(**extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(tmp_path / "one", tmp_path / "two", tol=1e-5)
+
+
+@pytest.mark.parametrize("arch, split", [("mlsae", "--shard-latents"), ("per-layer", "--distribute-layers")])
+def test_a_split_run_resumed_from_its_checkpoint_ends_as_one_process(tmp_path, cache_dir, arch, split):
+    """The checkpoint holds the whole coder and optimizer (assembled on rank 0); each process
+    takes its latents or layers back from it."""
+    train(TrainConfig(cache=str(cache_dir), arch=arch, out=str(tmp_path / "one"), **SETTINGS))
+    common = ["train", "--cache", str(cache_dir), "--arch", arch, split, "--out", str(tmp_path / "part")]
+    assert torchrun(2, *common, *flags(tokens=256)).returncode == 0
+    done = torchrun(2, *common, "--resume", *flags())
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(tmp_path / "one", tmp_path / "part", tol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arch", "per-layer", "--distribute-layers"], "--distribute-layers with 4 processes and 3 layers: each process needs at least one layer"),
+    (["--distribute-layers"], "--distribute-layers splits a per-layer coder's SAEs over the processes; a mlsae coder has one dictionary"),
+    (["--shard-latents", "--distribute-layers", "--arch", "per-layer"], "choose one way to split the coder"),
+])
+def test_a_split_that_cannot_work_is_refused_before_any_work(tmp_path, cache_dir, extra, message):
+    done = torchrun(4, "train", "--cache", str(cache_dir), "--out", str(tmp_path / "bad"), *extra, *flags())
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
+
+
+def _sharded_dictionary(rank: int, size: int, init: str, out: str) -> None:
+    """One process of :func:`test_the_sharded_dictionary_codes_exactly_as_the_whole_one`."""
+    import torch.distributed as tdist
+
+    from mlsae.dist import World
+    from mlsae.sae import TopK
+    from mlsae.sharding import LatentShard, split_sizes
+
+    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=size)
+    torch.manual_seed(0)
+    whole = TopK(8, 37, 5, torch.Generator().manual_seed(1))
+    x = torch.randn(64, 8)
+    sizes = split_sizes(37, size)
+    start = sum(sizes[:rank])
+    part = TopK(8, sizes[rank], 5)
+    part.load_state_dict({k: (v[start : start + sizes[rank]] if k in TopK.SHARDED else v) for k, v in whole.state_dict().items()})
+    part.shard = LatentShard(World(rank, size), start, sizes[rank], 37)
+    dead = torch.zeros(37, dtype=torch.bool)
+    dead[[0, 3, 5]] = True  # all in the first process's rows: the others have no candidate
+    acts, idx, _ = part.encode(x, "sparse")
+    x_hat = part.decode(acts, idx, "sparse")
+    e_hat = part.auxk_reconstruction(x, dead, 2, "sparse")
+    (x_hat.pow(2).sum() + e_hat.pow(3).sum()).backward()
+    torch.save({"acts": acts, "idx": idx, "x_hat": x_hat.detach(), "e_hat": e_hat.detach(), "start": start,
+                "grads": {n: p.grad for n, p in part.named_parameters()}}, f"{out}/{rank}.pt")
+    tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_the_sharded_dictionary_codes_exactly_as_the_whole_one(tmp_path, size):
+    """Each process's local top k, merged: the same latents and activations as the whole dictionary
+    (exactly), the same reconstruction and AuxK reconstruction, and each process's rows' gradients."""
+    import torch.multiprocessing as mp
+
+    from mlsae.sae import TopK
+
+    mp.spawn(_sharded_dictionary, args=(size, str(tmp_path / "init"), str(tmp_path)), nprocs=size)
+    torch.manual_seed(0)
+    whole = TopK(8, 37, 5, torch.Generator().manual_seed(1))
+    x = torch.randn(64, 8)
+    dead = torch.zeros(37, dtype=torch.bool)
+    dead[[0, 3, 5]] = True
+    acts, idx, _ = whole.encode(x, "sparse")
+    x_hat = whole.decode(acts, idx, "sparse")
+    e_hat = whole.auxk_reconstruction(x, dead, 2, "sparse")
+    (x_hat.pow(2).sum() + e_hat.pow(3).sum()).backward()
+    order = idx.argsort(1)
+    grads = {n: [] for n, _ in whole.named_parameters()}
+    for rank in range(size):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        mine = got["idx"].argsort(1)
+        assert torch.equal(got["idx"].gather(1, mine), idx.gather(1, order))  # exactly the same latents
+        assert torch.equal(got["acts"].gather(1, mine), acts.gather(1, order))  # with exactly the same values
+        assert torch.allclose(got["x_hat"], x_hat, atol=1e-5) and torch.allclose(got["e_hat"], e_hat, atol=1e-5)
+        for n, g in got["grads"].items():
+            grads[n].append(g)
+    for n, p in whole.named_parameters():
+        joined = torch.cat(grads[n]) if n in TopK.SHARDED else grads[n][0]
+        assert torch.allclose(joined, p.grad, atol=1e-4), n
+        if n not in TopK.SHARDED:  # a whole parameter gets the same gradient on every process
+            assert all(torch.allclose(g, grads[n][0]) for g in grads[n])

@@ -28,14 +28,13 @@ from .errors import MlsaeError
 NAMES = ("checkpoint", "checkpoint.old")  # newest first
 
 
-def save(out: Path, write_coder: Callable[[Path], None], optimizer: torch.optim.Optimizer, step: int, tokens: int,
-         clocks: torch.Tensor) -> None:
-    """Write a checkpoint of the trainer into ``out/checkpoint``, keeping the previous one intact."""
+def save(out: Path, write_coder: Callable[[Path], None], opt: dict, step: int, tokens: int, clocks: torch.Tensor) -> None:
+    """Write a checkpoint of the trainer into ``out/checkpoint``, keeping the previous one intact
+    (``opt``: the optimizer's ``state_dict()`` for the whole coder)."""
     tmp, final, old = out / "checkpoint.tmp", out / NAMES[0], out / NAMES[1]
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_coder(tmp)
-        opt = optimizer.state_dict()
         tensors = {f"optimizer.{i}.{k}": v.detach().contiguous().cpu() for i, st in opt["state"].items() for k, v in st.items()}
         tensors["tokens_since_fired"] = clocks.detach().contiguous().cpu()
         save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -67,8 +66,9 @@ def latest(out: Path, purpose: str = "--resume") -> Path:
     raise MlsaeError(f"{purpose}: {out} holds no checkpoint to resume from")
 
 
-def load_trainer(folder: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, int, torch.Tensor]:
-    """Restore the optimizer from a verified checkpoint; returns (step, tokens, dead-latent clocks)."""
+def load_trainer(folder: Path, device: torch.device) -> tuple[dict, int, int, torch.Tensor]:
+    """A verified checkpoint's trainer: (the optimizer's state_dict for the whole coder, step,
+    tokens, dead-latent clocks)."""
     scalars = json.loads((folder / "trainer.json").read_text())
     tensors = load_file(str(folder / "trainer.safetensors"))  # on CPU: load_state_dict moves the moments to the params
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -76,8 +76,8 @@ def load_trainer(folder: Path, optimizer: torch.optim.Optimizer, device: torch.d
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
-    return scalars["step"], scalars["tokens"], tensors["tokens_since_fired"].to(device)
+    opt = {"state": state, "param_groups": scalars["param_groups"]}
+    return opt, scalars["step"], scalars["tokens"], tensors["tokens_since_fired"].to(device)
 
 
 def read_progress(folder: Path) -> dict:

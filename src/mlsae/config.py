@@ -127,6 +127,10 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
     """Read the next micro-batches in a background thread while the coder trains: on, off, or auto (on when the model runs on a GPU)."""
     verify_cache: bool = True
     """Check the cache's checksums before training (one read of the whole cache)."""
+    distribute_layers: bool = False
+    """Under torchrun, per-layer coders only: each process holds the SAEs of its share of the layers, and the activations are exchanged instead of the weights replicated."""
+    shard_latents: bool = False
+    """Under torchrun: each process holds a slice of every dictionary's latents, and the top k is merged across them (the same codes as one process), for dictionaries too large for one device."""
     out: str = "runs/mlsae"
     """Run folder: config.json, checkpoints, metrics.jsonl."""
     resume: bool = False

@@ -39,19 +39,24 @@ class World:
         """Rank 0 writes the run folder, the metrics and the progress bar; the others compute."""
         return self.rank == 0
 
+    def _reduce(self, t: Tensor, op) -> Tensor:
+        """All-reduce ``t`` in place; NCCL reduces GPU tensors only, so a CPU one goes there and back."""
+        if t.device.type == "cpu" and tdist.get_backend() == "nccl":
+            on_gpu = t.to(f"cuda:{self.local_rank}")
+            tdist.all_reduce(on_gpu, op=op)
+            return t.copy_(on_gpu)
+        tdist.all_reduce(t, op=op)
+        return t
+
     def sum(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks (in place; the identity in one process)."""
-        if self.distributed:
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        return t
+        return self._reduce(t, tdist.ReduceOp.SUM) if self.distributed else t
 
     def any(self, t: Tensor) -> Tensor:
         """A bool tensor OR-ed over the ranks (which latents fired anywhere)."""
         if not self.distributed:
             return t
-        as_int = t.to(torch.uint8)
-        tdist.all_reduce(as_int, op=tdist.ReduceOp.MAX)
-        return as_int.bool()
+        return self._reduce(t.to(torch.uint8), tdist.ReduceOp.MAX).bool()
 
     def sum_grads(self, params) -> None:
         """Every parameter's gradient summed over the ranks: each rank's loss is its share of the
@@ -73,16 +78,13 @@ class World:
         if not self.distributed:
             return t
         self.same_everywhere(t.shape[0], "the number of rows to gather")
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        tdist.all_gather(parts, t.contiguous())
-        return torch.stack(parts, 1).reshape(-1, *t.shape[1:])
+        return torch.stack(self.gather(t), 1).reshape(-1, *t.shape[1:])
 
     def same_everywhere(self, value: int, what: str) -> None:
         """Refuse to go on unless every rank holds the same ``value`` (say, a resumed step)."""
         if not self.distributed:
             return
-        t = torch.tensor([value, -value], dtype=torch.int64)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        t = self._reduce(torch.tensor([value, -value], dtype=torch.int64), tdist.ReduceOp.MAX)
         if int(t[0]) != -int(t[1]):
             raise MlsaeError(f"the ranks disagree on {what} ({-int(t[1])} to {int(t[0])}); every rank must start alike")
 
@@ -102,9 +104,10 @@ class World:
         """``t`` from every rank (same shapes), in rank order."""
         if not self.distributed:
             return [t]
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        tdist.all_gather(parts, t.contiguous())
-        return parts
+        src = t.to(f"cuda:{self.local_rank}") if t.device.type == "cpu" and tdist.get_backend() == "nccl" else t
+        parts = [torch.empty_like(src) for _ in range(self.size)]
+        tdist.all_gather(parts, src.contiguous())
+        return [p.to(t.device) for p in parts]
 
     def barrier(self) -> None:
         if self.distributed:

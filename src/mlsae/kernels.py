@@ -37,10 +37,10 @@ def _pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     return torch.addmm(b_enc, x, W_enc.T)
 
 
-def _top(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _top(pre: Tensor, k: int, relu: bool = True) -> tuple[Tensor, Tensor]:
     """TopK then ReLU (the order of the paper). Order within a row is unspecified (sorted=False is faster)."""
     vals, idx = pre.topk(k, dim=1, sorted=False)
-    return vals.relu(), idx
+    return (vals.relu() if relu else vals), idx
 
 
 ROW_BLOCK = int(os.environ.get("MLSAE_ENCODER_ROWS", "1024"))
@@ -49,19 +49,19 @@ reads them while they are still in cache, and the [N, n_latents] matrix is never
 (``MLSAE_ENCODER_ROWS`` overrides it; a huge value gives one pass)."""
 
 
-def _pre_top(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def _pre_top(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """TopK of the pre-activations, ROW_BLOCK rows at a time (the same numbers as one pass:
     each row's matmul and TopK do not depend on the other rows); the whole pre-activation
     matrix only when ``keep_pre``."""
     if x.shape[0] <= ROW_BLOCK or x.device.type != "cpu":
         pre = _pre_acts(x, W_enc, b_enc)
-        return (*_top(pre, k), pre if keep_pre else None)
+        return (*_top(pre, k, relu), pre if keep_pre else None)
     acts = x.new_empty(x.shape[0], k)
     idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
     pre_all = x.new_empty(x.shape[0], W_enc.shape[0]) if keep_pre else None
     for i in range(0, x.shape[0], ROW_BLOCK):
         pre = _pre_acts(x[i : i + ROW_BLOCK], W_enc, b_enc)
-        acts[i : i + ROW_BLOCK], idx[i : i + ROW_BLOCK] = _top(pre, k)
+        acts[i : i + ROW_BLOCK], idx[i : i + ROW_BLOCK] = _top(pre, k, relu)
         if pre_all is not None:
             pre_all[i : i + ROW_BLOCK] = pre
     return acts, idx, pre_all
@@ -76,8 +76,8 @@ class _SparseTopKEncode(torch.autograd.Function):
     """TopK encoder whose backward touches only the k active latents of each row."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool):
-        acts, idx, pre = _pre_top(x, W_enc, b_enc, k, keep_pre)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool):
+        acts, idx, pre = _pre_top(x, W_enc, b_enc, k, keep_pre, relu)
         ctx.save_for_backward(x, W_enc, acts, idx)
         ctx.mark_non_differentiable(idx, *([pre] if pre is not None else []))
         ctx.set_materialize_grads(False)  # else autograd hands backward a zero [N, n_latents] grad for pre
@@ -87,10 +87,11 @@ class _SparseTopKEncode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_acts: Tensor, _g_idx, _g_pre):
         if g_acts is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x, W_enc, acts, idx = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
         g = (g_acts * (acts > 0)).to(W_enc.dtype).contiguous()  # ReLU after TopK: clipped entries pass nothing
+        # (without the ReLU here, the caller applies it, whose gradient is the same mask)
         grad_x = grad_W = grad_b = None
         if need_x or need_W:
             with torch.enable_grad():
@@ -101,16 +102,16 @@ class _SparseTopKEncode(torch.autograd.Function):
             grad_x = gx.detach() if need_x else None
         if need_b:
             grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
+        return grad_x, grad_W, grad_b, None, None, None
 
 
-def _encode_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    return _SparseTopKEncode.apply(x, W_enc, b_enc, k, keep_pre)
+def _encode_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True):
+    return _SparseTopKEncode.apply(x, W_enc, b_enc, k, keep_pre, relu)
 
 
-def _encode_dense(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def _encode_dense(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True):
     pre = _pre_acts(x, W_enc, b_enc)
-    acts, idx = _top(pre, k)
+    acts, idx = _top(pre, k, relu)
     return acts, idx, pre.detach() if keep_pre else None
 
 
@@ -154,7 +155,7 @@ def resolve_impl(name: str) -> str:
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, impl: str = "sparse", keep_pre: bool = True
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, impl: str = "sparse", keep_pre: bool = True, relu: bool = True
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """TopK encoder (DESIGN.md section 2; MLSAE paper's TopK SAE).
 
@@ -162,12 +163,14 @@ def topk_encode(
     Returns top_acts [N, k] (after ReLU), top_idx [N, k] int64 and pre_acts [N, n_latents]
     (detached; None unless ``keep_pre``: the sparse path then never holds that matrix whole).
     Gradients flow to x, W_enc and b_enc; impl "sparse" never builds an [N, n_latents] gradient.
+    ``relu=False`` returns the top pre-activations themselves (a sharded dictionary compares
+    them across processes before the ReLU, so that it picks the same latents).
     """
     if x.dim() != 2 or x.shape[1] != W_enc.shape[1]:
         raise MlsaeError(f"topk_encode: x has shape {tuple(x.shape)}, expected [N, {W_enc.shape[1]}]")
     if not 1 <= k <= W_enc.shape[0]:
         raise MlsaeError(f"topk_encode: k={k} must be between 1 and n_latents={W_enc.shape[0]}")
-    return _ENCODERS[resolve_impl(impl)](x, W_enc, b_enc, k, keep_pre)
+    return _ENCODERS[resolve_impl(impl)](x, W_enc, b_enc, k, keep_pre, relu)
 
 
 def sparse_decode(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor, impl: str = "sparse") -> Tensor:

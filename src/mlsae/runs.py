@@ -62,10 +62,10 @@ class RunFolder:
         if self.writes:
             save_coder(coder, folder or self.out, self.model_name, self.fingerprint, meta)
 
-    def save_checkpoint(self, coder: SparseCoder, meta: dict, optimizer: torch.optim.Optimizer, step: int, tokens: int,
-                        clocks: Tensor) -> None:
+    def save_checkpoint(self, coder: SparseCoder, meta: dict, opt: dict, step: int, tokens: int, clocks: Tensor) -> None:
+        """A checkpoint: the whole coder, the optimizer's ``state_dict`` for it, and the trainer's counters."""
         if self.writes:
-            checkpoint.save(self.out, lambda folder: self.save(coder, meta, folder), optimizer, step, tokens, clocks)
+            checkpoint.save(self.out, lambda folder: self.save(coder, meta, folder), opt, step, tokens, clocks)
 
     def latest_checkpoint(self) -> Path:
         return checkpoint.latest(self.out)

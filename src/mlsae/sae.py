@@ -40,6 +40,7 @@ from .config import CHOICES, SAEConfig, from_dict, save_json, to_dict
 from .errors import MlsaeError
 from .integrity import check_tensors
 from .kernels import resolve_impl, sparse_decode, topk_encode
+from .sharding import LatentShard
 from .transforms import LensTransform, build_transforms
 
 ARRANGEMENTS: dict[str, type["SparseCoder"]] = {}
@@ -143,7 +144,12 @@ class TopK(nn.Module):
     bias (Lawson et al. eq. 1). ``init="gaussian"``: encoder and decoder tied to the same unit
     Gaussian rows, with a trained encoder bias (Baskaran & Sklar). ``post_bias`` adds a trained
     per-latent bias to the active latents after TopK: h_i = ReLU(a_i + b_post_i) where a_i > 0.
+    ``shard`` (set by :mod:`mlsae.placement`): this process holds only a slice of the latents,
+    and encoding and decoding go through :class:`mlsae.sharding.LatentShard`.
     """
+
+    SHARDED = ("W_enc", "W_dec", "b_enc", "b_post")
+    """The tensors with a row per latent: what a sharded dictionary splits."""
 
     def __init__(
         self, d: int, n_latents: int, k: int, generator: Optional[torch.Generator] = None,
@@ -167,19 +173,24 @@ class TopK(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.b_post = nn.Parameter(torch.zeros(n_latents)) if post_bias else None
         self.k = k
+        self.shard: Optional[LatentShard] = None
 
     @property
     def n_latents(self) -> int:
-        return self.W_enc.shape[0]
+        return self.W_enc.shape[0] if self.shard is None else self.shard.total
 
     def encode(self, x: Tensor, impl: str) -> tuple[Tensor, Tensor, Tensor]:
         """``x: [M, d]`` -> (top_acts [M, k], top_idx [M, k], None: the pre-activations are not kept)."""
+        if self.shard is not None:
+            return (*self.shard.encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl), None)
         acts, idx, pre = topk_encode(x - self.b_pre, self.W_enc, self.b_enc, self.k, impl, keep_pre=False)
         if self.b_post is not None:
             acts = torch.where(acts > 0, torch.relu(acts + self.b_post[idx]), acts)
         return acts, idx, pre
 
     def decode(self, top_acts: Tensor, top_idx: Tensor, impl: str) -> Tensor:
+        if self.shard is not None:
+            return self.shard.decode(top_acts, top_idx, self.W_dec, impl) + self.b_pre
         return sparse_decode(top_acts, top_idx, self.W_dec, impl) + self.b_pre
 
     def auxk_reconstruction(self, x: Tensor, dead: Tensor, k_aux: int, impl: str) -> Optional[Tensor]:
@@ -187,6 +198,9 @@ class TopK(nn.Module):
 
         Only the dead rows of W_enc are multiplied, so the cost follows the number of dead latents.
         """
+        if self.shard is not None:
+            codes = self.shard.dead_top(x - self.b_pre, dead, self.W_enc, self.b_enc, k_aux)
+            return None if codes is None else self.decode(*codes, impl)
         dead_idx = dead.nonzero().squeeze(1)
         if dead_idx.numel() == 0:
             return None

@@ -33,16 +33,19 @@ from .dist import World, device_for, world
 from .errors import MlsaeError
 from .lens import check_lens_for, load_lens
 from .model import ResidualModel, resolve_device
+from .placement import placement_for
 from .runs import RunFolder
 from .sae import ARRANGEMENTS, LEGACY_SAE_SETTINGS, SparseCoder, load_coder, read_coder_config
 from .stream import ActivationStream
 
 
 RESUMABLE_CHANGES = frozenset(
-    {"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model", "verify_cache", "prefetch"}
+    {"tokens", "checkpoint_tokens", "wandb", "resume", "overwrite", "device", "out", "cache", "model", "verify_cache", "prefetch",
+     "distribute_layers", "shard_latents"}
 )
 """Settings a resumed run may change: they do not alter what it computes (the cache and model
-are checked by content: the same model fingerprint and layers)."""
+are checked by content: the same model fingerprint and layers; every placement over the
+processes trains the same coder on the same batches)."""
 
 B_PRE_START = {"geometric_median": "the geometric median", "mean": "the mean", "zero": "zero"}
 
@@ -78,12 +81,15 @@ class Trainer:
         self.fingerprint = self.stream.fingerprint
         if cfg.arch not in ARRANGEMENTS:
             raise MlsaeError(f"arch {cfg.arch!r}: expected one of {', '.join(ARRANGEMENTS)}")
-        self.coder: SparseCoder = ARRANGEMENTS[cfg.arch](subset(cfg, SAEConfig), self.d_model, self.layers, cfg.seed)
-        self.lens_info = self._attach_lens() if cfg.lens else None
-        self.coder.to(self.device)
+        whole = ARRANGEMENTS[cfg.arch](subset(cfg, SAEConfig), self.d_model, self.layers, cfg.seed)
+        self.placement = placement_for(cfg, self.world, self.layers, whole.latent_space, whole.n_latents)
+        self.lens_info = self._attach_lens(whole) if cfg.lens else None
+        self.coder: SparseCoder = self.placement.part(whole).to(self.device)  # this process's part (all of it, by default)
+        latent_shape = whole.latent_shape()  # the dead-latent clocks are the whole coder's on every process
+        del whole
         self._check_memory()
         self.optimizer = torch.optim.Adam(self.coder.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-        self.state = TrainState(tokens_since_fired=torch.zeros(self.coder.latent_shape(), dtype=torch.long, device=self.device))
+        self.state = TrainState(tokens_since_fired=torch.zeros(latent_shape, dtype=torch.long, device=self.device))
         self.init_info: Optional[dict] = None  # how the coder was started; saved in config.json
         self.finished = False
         self.label = ""  # names the run in messages when several train at once
@@ -99,11 +105,11 @@ class Trainer:
     def model(self) -> Optional[ResidualModel]:
         return self.stream.model
 
-    def _attach_lens(self) -> dict:
+    def _attach_lens(self, coder: SparseCoder) -> dict:
         """Load ``--lens``, refuse one made for another model, and give the coder its translators."""
         lens, meta = load_lens(self.cfg.lens)
         check_lens_for(lens, meta, f"--lens {self.cfg.lens}", self.model_name, self.fingerprint, self.stream.n_blocks)
-        self.coder.set_lens(lens)
+        coder.set_lens(lens)
         return {"path": str(self.cfg.lens), "sha256": meta["hash"], "source": meta["source"]}
 
     # ---------------------------------------------------------------------------------------
@@ -129,17 +135,18 @@ class Trainer:
         again in the step's temporaries); an MLSAE codes every layer of a token at once.
         """
         per_token = len(self.layers) if self.coder.latent_space == "shared" else 1
-        micro = self.micro // self.world.size  # this rank's share
-        need = 2 * 4 * micro * per_token * self.coder.n_latents
+        micro = self.micro * self.placement.rows_scale // self.world.size  # the rows this process codes at once
+        latents = self.placement.latents_here(self.coder.n_latents)
+        need = 2 * 4 * micro * per_token * latents
         if self.device.type == "cuda":
             have = torch.cuda.get_device_properties(self.device).total_memory
         else:
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need > 0.8 * have:
-            fits = self.world.size * 2 ** int(math.log2(max(1, 0.8 * have / (2 * 4 * per_token * self.coder.n_latents))))
+            fits = self.micro // micro * 2 ** int(math.log2(max(1, 0.8 * have / (2 * 4 * per_token * latents))))
             raise MlsaeError(
                 f"--micro-batch-tokens {self.micro} needs about {need / 2**30:.0f} GiB for the encoder's pre-activations "
-                f"({micro} tokens x {per_token} layers x {self.coder.n_latents:,} latents), more than this "
+                f"({micro} tokens x {per_token} layers x {latents:,} latents), more than this "
                 f"{self.device.type} memory ({have / 2**30:.0f} GiB) allows: lower --micro-batch-tokens (to {fits} or less)"
             )
 
@@ -166,21 +173,25 @@ class Trainer:
             return
         if self.cfg.overwrite and self.out.exists():
             self.folder.clear()
-        self.folder.save(self.coder, self._run_meta())
+        self.save()
+
+    def save(self) -> None:
+        """The whole coder and the run's metadata, in the run folder (assembled on rank 0)."""
+        self.folder.save(self.placement.whole(self.coder), self._run_meta())
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints: written to checkpoint.tmp, then swapped in; the previous one survives a crash.
 
     def save_checkpoint(self) -> None:
-        self.folder.save_checkpoint(self.coder, self._run_meta(), self.optimizer, self.state.step, self.state.tokens,
-                                    self.state.tokens_since_fired)
+        coder, opt = self.placement.whole(self.coder), self.placement.whole_optimizer(self.coder, self.optimizer)
+        self.folder.save_checkpoint(coder, self._run_meta(), opt, self.state.step, self.state.tokens, self.state.tokens_since_fired)
 
     def _resume(self) -> None:
         folder = self.folder.latest_checkpoint()
         saved = read_coder_config(folder)
         if saved["sae"]["arch"] != self.cfg.arch:
             raise MlsaeError(f"--resume: {self.out} holds a {saved['sae']['arch']} run, not {self.cfg.arch}")
-        coder, _ = load_coder(folder, model_fingerprint=self.fingerprint, arch=self.cfg.arch, device=self.device)
+        coder, _ = load_coder(folder, model_fingerprint=self.fingerprint, arch=self.cfg.arch)
         if saved["layers"] != self.layers:
             raise MlsaeError(f"--resume: the run in {self.out} was trained on layers {saved['layers']}, not {self.layers}")
         trained_on = saved.get("world_size", 1)
@@ -196,8 +207,9 @@ class Trainer:
                 f"--lens {self.cfg.lens} is not the lens this run was trained with (sha256 {str(recorded)[:12]} recorded, "
                 f"{self.lens_info['sha256'][:12]} now): resume with that lens"
             )
-        self.coder.load_state_dict(coder.state_dict())
-        step, tokens, clocks = checkpoint.load_trainer(folder, self.optimizer, self.device)
+        self.coder.load_state_dict(self.placement.part(coder).state_dict())
+        opt, step, tokens, clocks = checkpoint.load_trainer(folder, self.device)
+        self.optimizer.load_state_dict(self.placement.part_optimizer(coder, self.coder, opt))
         self.state = TrainState(step, tokens, clocks)
         self.init_info = saved.get("init")
         self.folder.drop_metrics_after(self.state.step)
@@ -222,7 +234,7 @@ class Trainer:
         """The last checkpoint and the final coder, recorded as finished."""
         self.save_checkpoint()
         self.finished = True
-        self.folder.save(self.coder, self._run_meta())
+        self.save()
 
     def initialise(self, first: list[ActivationBatch]) -> None:
         """Fit the frozen input transforms and start b_pre on the first batches (``init_tokens``
@@ -230,13 +242,15 @@ class Trainer:
         cfg = self.cfg
         x = torch.cat([b.acts for b in first]).to(self.device, torch.float32)
         check_finite(x, "the first batches", self.layers)
-        x = self.world.interleave_rows(x)  # every rank fits the same transforms on the whole first batches
+        x = self.placement.layers_of(self.world.interleave_rows(x))  # every rank fits the same transforms on the whole first batches
         started = self.coder.initialise(x)
         starts = range(0, len(x), self.micro)
-        with torch.no_grad():  # micro-batch by micro-batch, so memory stays that of a step
-            chunks = [(self.coder(x[i : i + self.micro]).fvu.cpu(), len(x[i : i + self.micro]))
-                      for i in tqdm(starts, desc="initial FVU", unit="batch", leave=False, disable=len(starts) < 2)]
-        fvu = sum(f * n for f, n in chunks) / len(x)
+        fvu = torch.zeros(len(self.coder.layers), dtype=torch.float64)
+        with torch.no_grad():  # micro-batch by micro-batch, so memory stays that of a step; each process its rows
+            for i in tqdm(starts, desc="initial FVU", unit="batch", leave=False, disable=len(starts) < 2 or not self.world.writes):
+                chunk = x[i : i + self.micro]
+                fvu += self.coder(self.placement.own_rows(chunk), total=self.placement.total).fvu.double().cpu() * len(chunk)
+        fvu = self.placement.step_sum(self.placement.spread(fvu / len(x))).float()
         self.init_info = {
             "tokens": int(x.shape[0]),
             "b_pre": cfg.b_pre_init,
@@ -248,7 +262,7 @@ class Trainer:
         del x
         self.folder.log({"step": 0, "tokens": 0, "step_tokens": 0, "loss": float(fvu.mean()), "fvu": float(fvu.mean()),
                          "auxk": 0.0, "fvu_per_layer": self.init_info["fvu_per_layer"], "dead_fraction": 0.0, "tokens_per_s": 0.0})
-        self.folder.save(self.coder, self._run_meta())
+        self.save()
         who = f"{self.label}: " if self.label else ""
         say = tqdm.write if self.world.writes else (lambda _: None)
         say(
@@ -264,33 +278,35 @@ class Trainer:
             )
 
     def _step(self, micro_batches: list[ActivationBatch]) -> dict:
-        cfg, coder, w = self.cfg, self.coder, self.world
+        cfg, coder, w, place = self.cfg, self.coder, self.world, self.placement
         step_tokens = sum(len(b) for b in micro_batches) * w.size  # over all ranks
-        total = w.sum if w.distributed else None  # losses as shares of the whole batch's
         dead = self.state.tokens_since_fired >= cfg.dead_tokens if cfg.aux_coef > 0 else None  # AuxK off: no e_hat
         # Updated on a copy so that an interruption mid-step leaves the state of the last full step.
         since_fired = self.state.tokens_since_fired.clone()
-        totals = {"loss": 0.0, "fvu": torch.zeros(len(self.layers)), "auxk": torch.zeros(len(self.layers))}
+        n = len(coder.layers)
+        totals = {"loss": 0.0, "fvu": torch.zeros(n, dtype=torch.float64), "auxk": torch.zeros(n, dtype=torch.float64)}
         for batch in micro_batches:
             x = batch.acts.to(self.device, torch.float32)
             check_finite(x, f"step {self.state.step}", self.layers)
-            out = coder(x, dead, total)
+            x = place.inputs(x)  # the rows (and layers) this process's part codes
+            out = coder(x, place.dead_part(dead), place.total)
             if not torch.isfinite(out.loss):
                 raise MlsaeError(f"step {self.state.step}: the loss became {out.loss.item()}; the last good checkpoint is kept")
-            weight = len(batch) * w.size / step_tokens
-            (out.loss * weight).backward()
-            totals["loss"] += out.loss.item() * weight
-            totals["fvu"] += out.fvu.detach().cpu() * weight
-            totals["auxk"] += out.auxk.detach().cpu() * weight
-            fired = w.any(coder.fired(out.top_acts.detach(), out.top_idx))  # on any rank
+            weight = len(x) * place.rows_scale / step_tokens  # this micro-batch's share of the step
+            (out.loss * weight * place.loss_scale).backward()
+            totals["loss"] += out.loss.item() * weight * place.loss_scale
+            totals["fvu"] += out.fvu.detach().double().cpu() * weight
+            totals["auxk"] += out.auxk.detach().double().cpu() * weight
+            fired = place.fired(coder.fired(out.top_acts.detach(), out.top_idx))  # the whole coder's, on every rank
             # A latent's clock counts tokens: it resets where the latent fired in this micro-batch.
             since_fired += len(batch) * w.size
             since_fired[fired] = 0
-        if w.distributed:  # each rank holds its share: the whole batch's numbers are their sums
-            shares = w.sum(torch.cat([torch.tensor([totals["loss"]]), totals["fvu"], totals["auxk"]]).double())
-            totals = {"loss": float(shares[0]), "fvu": shares[1 : 1 + len(self.layers)].float(),
-                      "auxk": shares[1 + len(self.layers) :].float()}
-        w.sum_grads(coder.parameters())
+        # each process holds its share (of the rows, or of the layers): the whole batch's numbers
+        shares = place.step_sum(torch.cat([torch.tensor([totals["loss"]], dtype=torch.float64),
+                                           place.spread(totals["fvu"]), place.spread(totals["auxk"])]))
+        L = len(self.layers)
+        totals = {"loss": float(shares[0]), "fvu": shares[1 : 1 + L].float(), "auxk": shares[1 + L :].float()}
+        place.sync_grads(coder.parameters())
         with interrupts_deferred():  # weights and counters change together, or not at all
             coder.remove_parallel_grads()
             self.optimizer.step()
