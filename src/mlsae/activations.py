@@ -228,7 +228,6 @@ class ActivationCache:
         if verify:
             self.verify()
         self.windows = torch.from_numpy(np.load(self.folder / "windows.npy").astype(np.int64))
-        self._acts = [self._map(s) for s in self.manifest["shards"]]
         self._rows = [np.load(self.folder / s["rows"]) for s in self.manifest["shards"]]
         self._offsets = np.cumsum([0] + [s["n"] for s in self.manifest["shards"]])
 
@@ -279,7 +278,9 @@ class ActivationCache:
         acts, rows = [], []
         for s in np.unique(shard):
             local = index[shard == s] - self._offsets[s]
-            rows_of_shard = self._acts[s][local]
+            # mapped for this read only: pages of a mapping that stays open count as this process's
+            # memory, so a long pass would grow with the cache; unmapped, the OS may drop them
+            rows_of_shard = self._map(self.manifest["shards"][s])[local]
             if self._columns is not None:
                 rows_of_shard = rows_of_shard[:, self._columns]
             acts.append(torch.from_numpy(np.ascontiguousarray(rows_of_shard)))
