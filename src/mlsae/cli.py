@@ -199,6 +199,30 @@ def run_lens(cfg: cfgmod.LensConfig) -> None:
     run_lens_command(cfg)
 
 
+def run_export(cfg: cfgmod.ExportConfig) -> None:
+    from .interop import export_run
+
+    folders = export_run(cfg.run, cfg.format, cfg.out, cfg.overwrite)
+    print(f"wrote {len(folders)} {cfg.format} SAE folder(s) to {cfg.out}: {', '.join(f.name for f in folders)}")
+
+
+def run_import(cfg: cfgmod.ImportConfig) -> None:
+    from .interop import import_bank, read_bank
+    from .model import load_model
+
+    fmt, saes = read_bank(cfg.source, cfg.format)  # the source checked before the model loads
+    print(f"found {len(saes)} {fmt} SAE(s) for layers {[s.layer for s in saes]}; loading {cfg.model}")
+    model = load_model(cfg.model, device="cpu")
+    out = import_bank(cfg.source, model, cfg.out, fmt, ctx=cfg.ctx, overwrite=cfg.overwrite)
+    print(f"wrote the per-layer run {out}: evaluate it with `mlsae eval {out} --data ...`")
+
+
+def run_push(cfg: cfgmod.PushConfig) -> None:
+    from .hub import push_to_hub
+
+    print(f"uploaded {cfg.run} to {push_to_hub(cfg.run, cfg.repo_id, private=cfg.private)}")
+
+
 # name -> (config class, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
@@ -208,6 +232,9 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "analyze": (cfgmod.AnalyzeConfig, run_analyze, "The paper's analyses: drift, layer distributions, examples, geometry."),
     "report": (cfgmod.ReportConfig, run_report, "Write a static HTML report of a run, with figures."),
     "lens": (cfgmod.LensConfig, run_lens, "Train a tuned lens (lens train), or compare it with the logit lens on held-out text (lens eval)."),
+    "export": (cfgmod.ExportConfig, run_export, "Write a run's coder as per-layer SAE folders for sparsify or SAELens."),
+    "import": (cfgmod.ImportConfig, run_import, "Read per-layer SAEs saved by sparsify or SAELens as a per-layer run."),
+    "push": (cfgmod.PushConfig, run_push, "Upload a finished run to the Hugging Face hub with a generated model card."),
     "demo": (cfgmod.DemoConfig, run_demo, "Run the whole chain offline on SmolLM2 and the built-in corpus."),
 }
 

@@ -253,6 +253,44 @@ class LensConfig(ModelConfig, DataConfig):
 
 
 @dataclass
+class ExportConfig:
+    run: str = ""
+    """Run folder of a trained coder."""
+    format: str = "sparsify"
+    """Library format: sparsify (folders layers.{l}) or saelens (folders blocks.{l}.hook_resid_post)."""
+    out: str = "export"
+    """Folder for the per-layer SAE folders."""
+    overwrite: bool = False
+    """Replace an existing, non-empty export folder."""
+
+
+@dataclass
+class ImportConfig:
+    source: str = ""
+    """Folder of per-layer SAEs saved by sparsify or SAELens (or one SAE folder)."""
+    model: str = "smollm2"
+    """The causal LM the SAEs were trained on (a hub id, a local folder, a .gguf file, or smollm2)."""
+    format: str = "auto"
+    """Format of the source: auto (from the files), sparsify or saelens."""
+    out: str = "runs/imported"
+    """Run folder to write (a per-layer run that eval, analyze and report read)."""
+    ctx: int = 2048
+    """Context length eval and analyze pack held-out text to by default."""
+    overwrite: bool = False
+    """Replace a run already in the output folder."""
+
+
+@dataclass
+class PushConfig:
+    run: str = ""
+    """Run folder of a finished coder."""
+    repo_id: str = ""
+    """Hub repo to create or update, as user-or-org/name (the token comes from HF_TOKEN or `hf auth login`)."""
+    private: bool = False
+    """Create the repo private."""
+
+
+@dataclass
 class DemoConfig:
     out: str = "mlsae-demo"
     """Folder for the demo's run, evaluation, analysis and report."""
@@ -330,7 +368,7 @@ def validate(cfg) -> None:
         raise MlsaeError(f"--k {k} is larger than --n-latents {n_latents}: expected k <= n_latents")
 
 
-POSITIONAL = {"run", "action"}
+POSITIONAL = {"run", "action", "source"}
 """Fields given as positional arguments on the command line."""
 
 # --------------------------------------------------------------------------------------------
