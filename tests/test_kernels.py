@@ -258,3 +258,32 @@ def test_the_encoder_in_row_blocks_equals_one_pass(monkeypatch, keep_pre):
     assert (a_pre is None and b_pre is None) if not keep_pre else torch.allclose(a_pre, b_pre, rtol=1e-6, atol=1e-6)
     for a, b in zip([a_acts, *a_grads], [b_acts, *b_grads]):  # a matmul of fewer rows may round differently
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bf16_autocast_the_sparse_path_matches_the_fp32_formula_to_bf16_precision():
+    """The encoder's matmul runs in bf16 (the codes come out bf16), the decode and every gradient
+    stay fp32, and the result is the fp32 formula's at the same latents to bf16's precision."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    W = (torch.randn(96, 32) / 32**0.5).requires_grad_()
+    b = torch.zeros(96, requires_grad=True)
+    D = torch.randn(96, 32, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        acts, idx, _ = topk_encode(x, W, b, 8, "sparse", keep_pre=False)
+        x_hat = sparse_decode(acts, idx, D, "sparse")
+    assert acts.dtype == torch.bfloat16 and x_hat.dtype == torch.float32
+    x_hat.pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (W, D)]
+    assert all(g.dtype == torch.float32 for g in grads)
+    for t in (W, b, D):
+        t.grad = None
+    pre = x @ W.T + b
+    assert (idx.sort(1).values == pre.topk(8, dim=1).indices.sort(1).values).float().mean() > 0.9  # bf16 may swap near-ties
+    vals = pre.gather(1, idx).relu()  # the fp32 formula at the latents bf16 chose
+    ref = (vals[:, :, None] * D[idx]).sum(1)
+    ref.pow(2).sum().backward()
+    assert torch.allclose(acts.float(), vals, rtol=2e-2, atol=2e-2)
+    assert (x_hat - ref).norm() / ref.norm() < 1e-2
+    assert not torch.equal(x_hat, ref)  # the matmul really ran in bf16
+    for got, want in zip(grads, (W.grad, D.grad)):
+        assert (got - want).norm() / want.norm() < 2e-2

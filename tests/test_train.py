@@ -58,6 +58,18 @@ def test_training_from_cache_lowers_the_loss_and_writes_a_run(tmp_path, cache_di
         torch.testing.assert_close(d.norm(dim=1), torch.ones(d.shape[0]))
 
 
+def test_bf16_autocast_trains_the_coder_as_fp32_does_to_bf16_precision(tmp_path, cache_dir):
+    """--coder-dtype bfloat16: the encoder's matmuls in bf16, the weights and losses fp32; the run
+    learns as the fp32 one does (not bit-identically: the setting is used)."""
+    a = train(cfg(tmp_path / "fp32", cache_dir, tokens=1280))
+    b = train(cfg(tmp_path / "bf16", cache_dir, tokens=1280, coder_dtype="bfloat16"))
+    assert abs(a["fvu"] - b["fvu"]) < 0.03 and b["fvu"] < 0.8
+    wa, wb = weights(tmp_path / "fp32"), weights(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in wb.values() if v.is_floating_point())
+    assert not torch.equal(wa["sae.W_enc"], wb["sae.W_enc"])
+    assert (wa["sae.W_dec"] - wb["sae.W_dec"]).norm() / wa["sae.W_dec"].norm() < 0.2
+
+
 def test_a_run_saved_with_centring_loads_and_evaluates_to_the_same_numbers(tmp_path, cache_dir):
     from mlsae.activations import ActivationCache
     from mlsae.evaluate import evaluate

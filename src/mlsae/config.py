@@ -113,6 +113,8 @@ class TrainConfig(ModelConfig, DataConfig, SAEConfig):
     """Tokens read before the first step to fit the layer means and start b_pre (then trained on as usual)."""
     micro_batch_tokens: int = 4096
     """Tokens per forward/backward pass of the sparse coder."""
+    coder_dtype: str = "float32"
+    """Precision of the coder's matmuls in training: float32, or bfloat16 (autocast: weights, gradients, Adam and the losses stay float32; for GPUs with fast bf16)."""
     lr: float = 1e-4
     """Adam learning rate."""
     adam_eps: float = 6.25e-10
@@ -324,6 +326,7 @@ CHOICES = {
     "auxk_norm": ("input", "error"),
     "decoder_impl": ("auto", "sparse", "dense"),
     "model_dtype": ("float32", "bfloat16", "float16"),
+    "coder_dtype": ("float32", "bfloat16"),
     "dtype": ("float32", "bfloat16", "float16"),
     "prepend_bos": ("auto", "always", "never"),
     "action": ("train", "eval"),

@@ -68,8 +68,9 @@ def _pre_top(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, re
 
 
 def _bag(idx: Tensor, weight: Tensor, coef: Tensor) -> Tensor:
-    """out[r] = sum_j coef[r, j] * weight[idx[r, j]]: one fused gather-scale-sum, no [N, k, d] temporary."""
-    return F.embedding_bag(idx, weight, per_sample_weights=coef, mode="sum")
+    """out[r] = sum_j coef[r, j] * weight[idx[r, j]]: one fused gather-scale-sum, no [N, k, d] temporary.
+    In the weight's precision (under bf16 autocast the coefficients come from a bf16 matmul)."""
+    return F.embedding_bag(idx, weight, per_sample_weights=coef.to(weight.dtype), mode="sum")
 
 
 class _SparseTopKEncode(torch.autograd.Function):

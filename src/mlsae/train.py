@@ -289,7 +289,8 @@ class Trainer:
             x = batch.acts.to(self.device, torch.float32)
             check_finite(x, f"step {self.state.step}", self.layers)
             x = place.inputs(x)  # the rows (and layers) this process's part codes
-            out = coder(x, place.dead_part(dead), place.total)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.coder_dtype == "bfloat16"):
+                out = coder(x, place.dead_part(dead), place.total)
             if not torch.isfinite(out.loss):
                 raise MlsaeError(f"step {self.state.step}: the loss became {out.loss.item()}; the last good checkpoint is kept")
             weight = len(x) * place.rows_scale / step_tokens  # this micro-batch's share of the step
