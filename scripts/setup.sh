@@ -7,8 +7,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${MLSAE_TORCH:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
-# The interop tests load our exports with the real libraries (test tools, not dependencies of mlsae).
-.venv/bin/python -m pip install -q "eai-sparsify==1.3.3" "sae-lens==6.54.12"
+# Test tools, not dependencies of mlsae: the interop tests load our exports with the real libraries,
+# and the Triton kernels are checked on the CPU through Triton's interpreter (GPU torch builds bring triton).
+.venv/bin/python -m pip install -q "eai-sparsify==1.3.3" "sae-lens==6.54.12" "triton==3.9.0"
 # The report test renders the HTML page in headless Chromium; CI (CI=true) installs Debian's package.
 if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

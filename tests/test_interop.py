@@ -1,6 +1,7 @@
 """Export to and import from sparsify and SAELens: the real libraries, on CPU, reconstruct the
 same activations as our coders (the hub code is in test_hub.py)."""
 
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from mlsae.text import pack_windows
 from mlsae.train import train
 from mlsae.transforms import LensTransform
 
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU; these tests run on the CPU
 sparsify = pytest.importorskip("sparsify", reason="the interop tests load exports with the real sparsify (scripts/setup.sh installs it)")
 sae_lens = pytest.importorskip("sae_lens", reason="the interop tests load exports with the real SAELens (scripts/setup.sh installs it)")
 

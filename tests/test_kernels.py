@@ -287,3 +287,59 @@ def test_under_bf16_autocast_the_sparse_path_matches_the_fp32_formula_to_bf16_pr
     assert not torch.equal(x_hat, ref)  # the matmul really ran in bf16
     for got, want in zip(grads, (W.grad, D.grad)):
         assert (got - want).norm() / want.norm() < 2e-2
+
+
+TRITON_CHECK = """
+import torch
+from mlsae.kernels import sparse_decode, topk_encode
+dev = {device!r}
+torch.manual_seed(0)
+x = torch.randn(50, 40, device=dev)
+W = (torch.randn(70, 40, device=dev) / 40**0.5)
+D = torch.randn(70, 40, device=dev)
+b = torch.randn(70, device=dev) * 0.1
+out = {{}}
+for impl in ("triton", "dense"):
+    ts = [t.clone().requires_grad_() for t in (x, W, b, D)]
+    acts, idx, _ = topk_encode(ts[0], ts[1], ts[2], 6, impl, keep_pre=False)
+    x_hat = sparse_decode(acts, idx, ts[3], impl)
+    (x_hat.pow(2).sum() + acts.pow(3).sum()).backward()
+    order = idx.argsort(1)
+    out[impl] = [idx.gather(1, order), acts.gather(1, order), x_hat] + [t.grad for t in ts]
+names = ["idx", "acts", "x_hat", "grad x", "grad W_enc", "grad b_enc", "grad W_dec"]
+for name, a, b_ in zip(names, out["triton"], out["dense"]):
+    assert a.shape == b_.shape and torch.allclose(a.float(), b_.float(), rtol=1e-4, atol=1e-4), (name, (a.float() - b_.float()).abs().max())
+print("triton == dense:", ", ".join(names))
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_triton_kernels_equal_the_dense_formula_values_and_gradients(device):
+    """On a GPU the kernels themselves; on the CPU the same kernels through Triton's interpreter
+    (TRITON_INTERPRET=1), in a fresh process since the interpreter is chosen at import."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="the triton package is not installed (scripts/setup.sh installs it for this test)")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU here: the kernels are checked on the CPU through Triton's interpreter instead")
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK.format(device=device)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "triton == dense" in done.stdout
+
+
+def test_auto_picks_the_gather_path_on_cpu_and_the_environment_overrides_it(monkeypatch):
+    assert kernels.impl_for("auto", torch.device("cpu")) == kernels.FAST_IMPL
+    monkeypatch.setenv("MLSAE_KERNELS", "dense")
+    assert kernels.impl_for("auto", torch.device("cpu")) == "dense"
+    monkeypatch.setenv("MLSAE_KERNELS", "fast-please")
+    with pytest.raises(MlsaeError, match="kernel impl 'fast-please' is not one of"):
+        kernels.impl_for("auto", torch.device("cpu"))
+    monkeypatch.delenv("MLSAE_KERNELS")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if kernels._triton is not None:
+        with pytest.raises(MlsaeError, match="runs on a GPU"):
+            kernels.impl_for("triton", torch.device("cpu"))

@@ -92,7 +92,7 @@ class SAEConfig:
     loss_space: str = "standardized"
     """Which FVU training minimises: standardized (the coder's input, after the transforms above) or raw."""
     decoder_impl: str = "auto"
-    """Sparse decode and encoder backward: auto, sparse (k rows per example) or dense."""
+    """Sparse decode and encoder backward: auto (triton on a GPU when installed, else sparse; MLSAE_KERNELS overrides), sparse (k rows per example, gathers), triton (GPU kernels) or dense."""
     lens: Optional[str] = None
     """A tuned lens folder (`mlsae lens train`, or the tuned-lens package's layout): each layer's vector is translated before the encoder and the output mapped back (Lawson et al. eqs. 8-9)."""
     post_bias: bool = False
@@ -324,7 +324,7 @@ CHOICES = {
     "loss_space": ("standardized", "raw"),
     "b_pre_init": ("geometric_median", "mean", "zero"),
     "auxk_norm": ("input", "error"),
-    "decoder_impl": ("auto", "sparse", "dense"),
+    "decoder_impl": ("auto", "sparse", "dense", "triton"),
     "model_dtype": ("float32", "bfloat16", "float16"),
     "coder_dtype": ("float32", "bfloat16"),
     "dtype": ("float32", "bfloat16", "float16"),

@@ -12,8 +12,10 @@ done in O(N k d) instead of O(N n_latents d):
   for the upstream gradient x, so it too comes from embedding_bag (no [N, n_latents] gradient).
 
 Each path has a plain "dense" twin (autograd through topk/gather, a dense matmul decoder) that the
-tests check it against. ``resolve_impl("auto")`` names the fast path chosen at import; a GPU
-(Triton) path would be added to ``_ENCODERS``/``_DECODERS`` and chosen in ``_pick_fast``.
+tests check it against. On a GPU with the ``triton`` package, "triton" does the same gathers and
+scatters with the kernels of :mod:`mlsae.triton_kernels`. "auto" picks per device at each call:
+triton for CUDA tensors when it imported, else the fast CPU path probed at import (sparse, or
+dense if this torch build cannot run it); ``MLSAE_KERNELS=sparse|dense|triton`` overrides it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ from torch.autograd.function import once_differentiable
 
 from mlsae.errors import MlsaeError
 
-IMPLS = ("sparse", "dense")
+IMPLS = ("sparse", "dense", "triton")
+
+try:  # the GPU kernels, when the triton package is installed
+    from . import triton_kernels as _triton
+except Exception:  # not installed, or no usable backend: the gather path serves every device
+    _triton = None
 
 
 def _pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
@@ -77,8 +84,9 @@ class _SparseTopKEncode(torch.autograd.Function):
     """TopK encoder whose backward touches only the k active latents of each row."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool):
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool, use_triton: bool = False):
         acts, idx, pre = _pre_top(x, W_enc, b_enc, k, keep_pre, relu)
+        ctx.use_triton = use_triton
         ctx.save_for_backward(x, W_enc, acts, idx)
         ctx.mark_non_differentiable(idx, *([pre] if pre is not None else []))
         ctx.set_materialize_grads(False)  # else autograd hands backward a zero [N, n_latents] grad for pre
@@ -88,13 +96,16 @@ class _SparseTopKEncode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_acts: Tensor, _g_idx, _g_pre):
         if g_acts is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, W_enc, acts, idx = ctx.saved_tensors
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
         g = (g_acts * (acts > 0)).to(W_enc.dtype).contiguous()  # ReLU after TopK: clipped entries pass nothing
         # (without the ReLU here, the caller applies it, whose gradient is the same mask)
         grad_x = grad_W = grad_b = None
-        if need_x or need_W:
+        if ctx.use_triton:
+            grad_x = _triton.gather_sum(idx, W_enc.detach(), g) if need_x else None
+            grad_W = _triton.scatter_rows(idx, g, x.to(W_enc.dtype), W_enc.shape[0]).to(W_enc.dtype) if need_W else None
+        elif need_x or need_W:
             with torch.enable_grad():
                 W = W_enc.detach().requires_grad_(need_W)
                 gx = _bag(idx, W, g)  # grad_x[r] = sum_j g[r,j] W_enc[idx[r,j]]
@@ -103,11 +114,37 @@ class _SparseTopKEncode(torch.autograd.Function):
             grad_x = gx.detach() if need_x else None
         if need_b:
             grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
 def _encode_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True):
     return _SparseTopKEncode.apply(x, W_enc, b_enc, k, keep_pre, relu)
+
+
+def _encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True):
+    return _SparseTopKEncode.apply(x, W_enc, b_enc, k, keep_pre, relu, True)
+
+
+class _TritonDecode(torch.autograd.Function):
+    """x_hat - b_pre = gather_sum(idx, W_dec, acts), with both gradients from the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, top_acts: Tensor, top_idx: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(top_acts, top_idx, W_dec)
+        return _triton.gather_sum(top_idx, W_dec, top_acts.to(W_dec.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        acts, idx, W = ctx.saved_tensors
+        g = g.contiguous()
+        grad_acts = _triton.gather_dot(idx, g, W).to(acts.dtype) if ctx.needs_input_grad[0] else None
+        grad_W = _triton.scatter_rows(idx, acts.to(torch.float32), g, W.shape[0]).to(W.dtype) if ctx.needs_input_grad[2] else None
+        return grad_acts, None, grad_W
+
+
+def _decode_triton(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor) -> Tensor:
+    return _TritonDecode.apply(top_acts, top_idx, W_dec)
 
 
 def _encode_dense(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True):
@@ -125,8 +162,9 @@ def _decode_dense(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor) -> Tensor:
     return h @ W_dec
 
 
-_ENCODERS: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {"sparse": _encode_sparse, "dense": _encode_dense}
-_DECODERS: dict[str, Callable[..., Tensor]] = {"sparse": _decode_sparse, "dense": _decode_dense}
+_ENCODERS: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
+    "sparse": _encode_sparse, "dense": _encode_dense, "triton": _encode_triton}
+_DECODERS: dict[str, Callable[..., Tensor]] = {"sparse": _decode_sparse, "dense": _decode_dense, "triton": _decode_triton}
 
 
 def _pick_fast() -> str:
@@ -146,13 +184,31 @@ def _pick_fast() -> str:
 FAST_IMPL = _pick_fast()
 
 
-def resolve_impl(name: str) -> str:
-    """'auto' -> the fast path chosen at import; 'sparse'/'dense' pass through; anything else is an error."""
+def check_impl(name: str) -> str:
+    """A kernel setting that can run here (``triton`` needs the package), unchanged: 'auto' stays
+    'auto' so that each call picks for its tensors' device."""
+    if name != "auto" and name not in IMPLS:
+        raise MlsaeError(f"kernel impl {name!r} is not one of: auto, {', '.join(IMPLS)}")
+    if name == "triton" and _triton is None:
+        raise MlsaeError("kernel impl 'triton' needs the triton package (pip install triton) and a GPU")
+    return name
+
+
+def impl_for(name: str, device: torch.device) -> str:
+    """The path a call on ``device`` takes: 'auto' is triton on CUDA when it imported, else the fast
+    CPU path (``MLSAE_KERNELS`` overrides the choice); a named one is checked and kept."""
     if name == "auto":
-        return FAST_IMPL
-    if name in IMPLS:
-        return name
-    raise MlsaeError(f"kernel impl {name!r} is not one of: auto, {', '.join(IMPLS)}")
+        name = os.environ.get("MLSAE_KERNELS") or ("triton" if device.type == "cuda" and _triton is not None else FAST_IMPL)
+    check_impl(name)
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise MlsaeError(f"kernel impl 'triton' runs on a GPU (these tensors are on {device.type}; TRITON_INTERPRET=1 runs it "
+                         f"slowly on the CPU, for tests)")
+    return name
+
+
+def resolve_impl(name: str) -> str:
+    """The path ``name`` takes for CPU tensors ('auto' -> the fast path chosen at import)."""
+    return impl_for(name, torch.device("cpu"))
 
 
 def topk_encode(
@@ -171,7 +227,7 @@ def topk_encode(
         raise MlsaeError(f"topk_encode: x has shape {tuple(x.shape)}, expected [N, {W_enc.shape[1]}]")
     if not 1 <= k <= W_enc.shape[0]:
         raise MlsaeError(f"topk_encode: k={k} must be between 1 and n_latents={W_enc.shape[0]}")
-    return _ENCODERS[resolve_impl(impl)](x, W_enc, b_enc, k, keep_pre, relu)
+    return _ENCODERS[impl_for(impl, x.device)](x, W_enc, b_enc, k, keep_pre, relu)
 
 
 def sparse_decode(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor, impl: str = "sparse") -> Tensor:
@@ -179,4 +235,4 @@ def sparse_decode(top_acts: Tensor, top_idx: Tensor, W_dec: Tensor, impl: str = 
 
     Differentiable in top_acts and W_dec. Repeated indices in a row add up in both impls.
     """
-    return _DECODERS[resolve_impl(impl)](top_acts, top_idx, W_dec)
+    return _DECODERS[impl_for(impl, W_dec.device)](top_acts, top_idx, W_dec)

@@ -39,7 +39,7 @@ from . import __version__
 from .config import CHOICES, SAEConfig, from_dict, save_json, to_dict
 from .errors import MlsaeError
 from .integrity import check_tensors
-from .kernels import resolve_impl, sparse_decode, topk_encode
+from .kernels import check_impl, sparse_decode, topk_encode
 from .sharding import LatentShard
 from .transforms import LensTransform, build_transforms
 
@@ -266,7 +266,7 @@ class SparseCoder(nn.Module):
             raise MlsaeError(f"b_pre_init {cfg.b_pre_init!r}: expected one of {', '.join(B_PRE_INITS)}")
         self.n_latents = n_latents
         self.k_aux = cfg.k_aux or default_k_aux(self.d_in)
-        self.impl = resolve_impl(cfg.decoder_impl)
+        self.impl = check_impl(cfg.decoder_impl)  # 'auto' picks per device at each call
         self.transform = build_transforms(cfg.standardize, cfg.center_layers, len(self.layers), d_model, lens=cfg.lens is not None)
 
     def _lens_step(self) -> Optional[int]:
