@@ -56,21 +56,41 @@ reads them while they are still in cache, and the [N, n_latents] matrix is never
 (``MLSAE_ENCODER_ROWS`` overrides it; a huge value gives one pass)."""
 
 
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _scratch(rows: int, n: int, like: Tensor) -> Tensor:
+    """A reused ``[rows, n]`` buffer for CPU pre-activations: a fresh one per call costs the OS
+    zeroing its pages (a pass over memory as long as the matmul's output) every micro-batch."""
+    key = (n, like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = _SCRATCH[key] = like.new_empty(rows, n)
+    return buf[:rows]
+
+
+def _pre_into(x: Tensor, W_enc: Tensor, b_enc: Tensor, out: Tensor) -> Tensor:
+    """``_pre_acts`` written into ``out`` (no encoder bias, the MLSAE's case, skips adding zeros)."""
+    if b_enc.requires_grad or bool(b_enc.any()):
+        return torch.addmm(b_enc, x, W_enc.T, out=out)
+    return torch.mm(x, W_enc.T, out=out)
+
+
 def _pre_top(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, keep_pre: bool, relu: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """TopK of the pre-activations, ROW_BLOCK rows at a time (the same numbers as one pass:
-    each row's matmul and TopK do not depend on the other rows); the whole pre-activation
-    matrix only when ``keep_pre``."""
-    if x.shape[0] <= ROW_BLOCK or x.device.type != "cpu":
+    each row's matmul and TopK do not depend on the other rows) into a reused buffer on the CPU;
+    the whole pre-activation matrix only when ``keep_pre``."""
+    cpu_fast = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and x.dtype == W_enc.dtype
+    if not cpu_fast or (x.shape[0] <= ROW_BLOCK and keep_pre):
         pre = _pre_acts(x, W_enc, b_enc)
         return (*_top(pre, k, relu), pre if keep_pre else None)
     acts = x.new_empty(x.shape[0], k)
     idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
     pre_all = x.new_empty(x.shape[0], W_enc.shape[0]) if keep_pre else None
     for i in range(0, x.shape[0], ROW_BLOCK):
-        pre = _pre_acts(x[i : i + ROW_BLOCK], W_enc, b_enc)
-        acts[i : i + ROW_BLOCK], idx[i : i + ROW_BLOCK] = _top(pre, k, relu)
-        if pre_all is not None:
-            pre_all[i : i + ROW_BLOCK] = pre
+        rows = min(ROW_BLOCK, x.shape[0] - i)
+        pre = _pre_into(x[i : i + rows], W_enc, b_enc, _scratch(rows, W_enc.shape[0], x) if pre_all is None else pre_all[i : i + rows])
+        acts[i : i + rows], idx[i : i + rows] = _top(pre, k, relu)
     return acts, idx, pre_all
 
 
