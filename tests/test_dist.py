@@ -275,3 +275,15 @@ def test_the_sharded_dictionary_codes_exactly_as_the_whole_one(tmp_path, size):
         assert torch.allclose(joined, p.grad, atol=1e-4), n
         if n not in TopK.SHARDED:  # a whole parameter gets the same gradient on every process
             assert all(torch.allclose(g, grads[n][0]) for g in grads[n])
+
+
+def test_a_cache_with_fewer_shards_than_processes_is_split_by_rows(tmp_path):
+    """Processes take every N-th row of the shuffled order, not whole shards: a one-shard cache
+    feeds two processes the batches one process would see."""
+    model = tiny_model("llama", n_layers=3, seed=5)
+    write_cache(model, pack_windows(TEXT, model.tokenizer, 32), tmp_path / "one-shard", tokens=800, shard_tokens=10_000)
+    assert len(json.loads((tmp_path / "one-shard" / "manifest.json").read_text())["shards"]) == 1
+    train(TrainConfig(cache=str(tmp_path / "one-shard"), out=str(tmp_path / "one"), **{**SETTINGS, "tokens": 384}))
+    done = torchrun(2, "train", "--cache", str(tmp_path / "one-shard"), "--out", str(tmp_path / "two"), *flags(tokens=384))
+    assert done.returncode == 0, done.stderr[-3000:]
+    close(tmp_path / "one", tmp_path / "two")
