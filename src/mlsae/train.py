@@ -141,7 +141,7 @@ class Trainer:
         again in the step's temporaries); an MLSAE codes every layer of a token at once.
         """
         per_token = len(self.layers) if self.coder.latent_space == "shared" else 1
-        micro = self.micro * self.placement.rows_scale // self.world.size  # the rows this process codes at once
+        micro = self.micro // self.placement.rows_scale  # the rows this process codes at once (1/N of them when replicated)
         latents = self.placement.latents_here(self.coder.n_latents)
         need = 2 * 4 * micro * per_token * latents
         if self.device.type == "cuda":
