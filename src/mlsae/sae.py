@@ -215,9 +215,10 @@ class TopK(nn.Module):
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
         """Keep only the gradient component orthogonal to each (unit) decoder row."""
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad.sub_(parallel * self.W_dec)
+        g = self.W_dec.grad
+        if g is not None:  # each row's dot product as a batched matmul, the update in place: no [n, d] temporaries
+            parallel = torch.bmm(g.unsqueeze(1), self.W_dec.detach().unsqueeze(2)).view(-1, 1)
+            g.addcmul_(parallel, self.W_dec.detach(), value=-1)
 
 
 LATENT_SPACES = ("shared", "per_layer", "joint")
