@@ -39,14 +39,15 @@ class World:
         """Rank 0 writes the run folder, the metrics and the progress bar; the others compute."""
         return self.rank == 0
 
+    def _sendable(self, t: Tensor) -> Tensor:
+        """``t`` where the backend can send it: NCCL moves GPU tensors only, so a CPU one goes to this rank's GPU."""
+        return t.to(f"cuda:{self.local_rank}") if t.device.type == "cpu" and tdist.get_backend() == "nccl" else t
+
     def _reduce(self, t: Tensor, op) -> Tensor:
-        """All-reduce ``t`` in place; NCCL reduces GPU tensors only, so a CPU one goes there and back."""
-        if t.device.type == "cpu" and tdist.get_backend() == "nccl":
-            on_gpu = t.to(f"cuda:{self.local_rank}")
-            tdist.all_reduce(on_gpu, op=op)
-            return t.copy_(on_gpu)
-        tdist.all_reduce(t, op=op)
-        return t
+        """All-reduce ``t`` in place (through the GPU for a CPU tensor under NCCL)."""
+        sent = self._sendable(t)
+        tdist.all_reduce(sent, op=op)
+        return t if sent is t else t.copy_(sent)
 
     def sum(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks (in place; the identity in one process)."""
@@ -104,7 +105,7 @@ class World:
         """``t`` from every rank (same shapes), in rank order."""
         if not self.distributed:
             return [t]
-        src = t.to(f"cuda:{self.local_rank}") if t.device.type == "cpu" and tdist.get_backend() == "nccl" else t
+        src = self._sendable(t)
         parts = [torch.empty_like(src) for _ in range(self.size)]
         tdist.all_gather(parts, src.contiguous())
         return [p.to(t.device) for p in parts]

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import MlsaeError
-from .interop import FORMATS, _cannot_export, export_run, hook_folder
+from .interop import FORMATS, _cannot_export, hook_folder, write_export
+from .runs import RunSpec, open_run
 from .sae import SparseCoder, load_coder
 
 CARRIED = ("config.json", "sae.safetensors", "eval.json", "eval.parquet")
@@ -44,13 +45,10 @@ def _eval_rows(run: Path) -> Optional[list[dict]]:
     return pq.read_table(path).to_pylist()
 
 
-def model_card(run: str | Path, repo_id: str, exported: list[str]) -> str:
+def model_card(spec: RunSpec, repo_id: str, exported: list[str]) -> str:
     """The README.md of a pushed run: model, layers, data, tokens, settings, the evaluation table,
     and how to load it here and in each library it was exported for."""
-    from .runs import locate_run
-
-    run = Path(run)
-    _, meta, _ = locate_run(run)
+    run, meta = spec.folder, spec.meta
     sae, train = meta["sae"], meta.get("train", {})
     progress = meta.get("progress", {})
     lines = [
@@ -102,23 +100,18 @@ def _cell(v) -> str:
 
 
 def stage(run: str | Path, repo_id: str, folder: Path) -> list[str]:
-    """Lay out in ``folder`` what :func:`push_to_hub` uploads; the formats exported."""
-    from .runs import locate_run, open_run
-
-    run = Path(run)
-    source, _, partial = locate_run(run)
-    if partial is not None:
-        raise MlsaeError(f"{run} is unfinished: finish training before sharing it")
+    """Lay out in ``folder`` what :func:`push_to_hub` uploads; the formats exported. An unfinished
+    run is refused (``runs.open_run``)."""
+    spec = open_run(run)
     for name in CARRIED:
-        if (run / name).is_file():
-            shutil.copy2(run / name, folder / name)
-    coder = open_run(run).coder
+        if (spec.folder / name).is_file():
+            shutil.copy2(spec.folder / name, folder / name)
     exported = []
     for fmt in FORMATS:
-        if _cannot_export(coder, fmt) is None:
-            export_run(run, fmt, folder / fmt)
+        if _cannot_export(spec.coder, fmt) is None:
+            write_export(spec, fmt, folder / fmt)
             exported.append(fmt)
-    (folder / "README.md").write_text(model_card(run, repo_id, exported))
+    (folder / "README.md").write_text(model_card(spec, repo_id, exported))
     return exported
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from . import __version__
 from .config import SAEConfig, save_json
 from .errors import MlsaeError
+from .runs import RunSpec, open_run
 from .sae import ARRANGEMENTS, SparseCoder, save_coder
 
 FORMATS = ("saelens", "sparsify")
@@ -145,14 +146,22 @@ def hook_folder(fmt: str, layer: int) -> str:
 
 def export_run(run: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> list[Path]:
     """Write ``run``'s coder as one ``fmt`` SAE folder per layer in ``out``; the folders written."""
-    from .runs import open_run
-
     if fmt not in FORMATS:
         raise MlsaeError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    out = Path(out)
+    _check_out(Path(out), overwrite)  # before the run is loaded
+    return write_export(open_run(run), fmt, out, overwrite)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MlsaeError(f"export folder {out} already exists and is not empty; pass --overwrite to replace it")
-    spec = open_run(run)
+
+
+def write_export(spec: RunSpec, fmt: str, out: str | Path, overwrite: bool = False) -> list[Path]:
+    """:func:`export_run` for a run already open (``runs.open_run``)."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    run = spec.folder
     saes = layer_saes(spec.coder, fmt)  # refused before anything is written
     if out.exists():
         shutil.rmtree(out)

@@ -47,8 +47,9 @@ class Replicated:
         """The whole coder, on rank 0 (on the CPU, unless nothing had to be assembled); None elsewhere."""
         return part if self.world.writes else None
 
-    def whole_optimizer(self, part: SparseCoder, optimizer: torch.optim.Optimizer) -> Optional[dict]:
-        """The optimizer's ``state_dict`` for the whole coder, on rank 0; None elsewhere."""
+    def whole_optimizer(self, part: SparseCoder, optimizer: torch.optim.Optimizer, whole: Optional[SparseCoder]) -> Optional[dict]:
+        """The optimizer's ``state_dict`` for ``whole`` (what :meth:`whole` gave: the coder on
+        rank 0, None elsewhere), on rank 0; None elsewhere."""
         return optimizer.state_dict() if self.world.writes else None
 
     def part_optimizer(self, whole: SparseCoder, part: SparseCoder, opt: dict) -> dict:
@@ -156,13 +157,10 @@ class _Split(Replicated):
         whole.load_state_dict(self._join(parts))
         return whole
 
-    def whole_optimizer(self, part, optimizer):
+    def whole_optimizer(self, part, optimizer, whole):
         opt = optimizer.state_dict()
         parts = _gather_to_first(self.world, _named_moments(part, opt))
-        if parts is None:
-            return None
-        whole = type(part)(part.cfg, part.d_model, self.all_layers)
-        return _indexed_moments(whole, self._join(parts), opt["param_groups"])
+        return None if parts is None else _indexed_moments(whole, self._join(parts), opt["param_groups"])
 
     def part_optimizer(self, whole, part, opt):
         named = _named_moments(whole, opt)

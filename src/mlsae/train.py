@@ -189,7 +189,8 @@ class Trainer:
     # Checkpoints: written to checkpoint.tmp, then swapped in; the previous one survives a crash.
 
     def save_checkpoint(self) -> None:
-        coder, opt = self.placement.whole(self.coder), self.placement.whole_optimizer(self.coder, self.optimizer)
+        coder = self.placement.whole(self.coder)
+        opt = self.placement.whole_optimizer(self.coder, self.optimizer, coder)
         self.folder.save_checkpoint(coder, self._run_meta(), opt, self.state.step, self.state.tokens, self.state.tokens_since_fired)
 
     def _resume(self) -> None:
