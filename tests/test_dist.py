@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,21 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "mlsae.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0 and STARTUP_RACE.search(done.stderr):  # the free port torchrun picked was taken meanwhile
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return done
+
+
+# The one failure of launching itself, before any process has read or written anything: retried once.
+STARTUP_RACE = re.compile(r"EADDRINUSE|[Aa]ddress already in use|RendezvousConnectionError")
+
+
+def launched(n: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun`` that must succeed: its stderr is the failure message."""
+    done = torchrun(n, *args)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 def trained_run(tmp_path, cache_dir):
@@ -69,8 +84,7 @@ def close(a, b, tol=2e-4):
 @pytest.mark.parametrize("arch", ["mlsae", "per-layer"])
 def test_two_processes_train_the_weights_one_process_trains_on_the_same_global_batches(tmp_path, cache_dir, arch):
     train(TrainConfig(cache=str(cache_dir), arch=arch, out=str(tmp_path / "one"), **SETTINGS))
-    done = torchrun(2, "train", "--cache", str(cache_dir), "--arch", arch, "--out", str(tmp_path / "two"), *flags())
-    assert done.returncode == 0, done.stderr[-3000:]
+    launched(2, "train", "--cache", str(cache_dir), "--arch", arch, "--out", str(tmp_path / "two"), *flags())
     close(tmp_path / "one", tmp_path / "two")
     saved = json.loads((tmp_path / "two" / "config.json").read_text())
     assert saved["world_size"] == 2 and saved["finished"]
@@ -83,13 +97,12 @@ def test_two_processes_train_the_weights_one_process_trains_on_the_same_global_b
 
 def test_a_run_resumed_under_two_processes_ends_as_an_uninterrupted_one_and_refuses_another_world_size(tmp_path, cache_dir):
     common = ["train", "--cache", str(cache_dir)]
-    assert torchrun(2, *common, "--out", str(tmp_path / "full"), *flags()).returncode == 0
-    assert torchrun(2, *common, "--out", str(tmp_path / "part"), *flags(tokens=256)).returncode == 0
+    launched(2, *common, "--out", str(tmp_path / "full"), *flags())
+    launched(2, *common, "--out", str(tmp_path / "part"), *flags(tokens=256))
     one = subprocess.run([sys.executable, "-m", "mlsae.cli", *common, "--out", str(tmp_path / "part"), "--resume", *flags()],
                          capture_output=True, text=True)
     assert one.returncode == 2 and "trained by 2 process(es), not 1: resume it with the same world size" in one.stderr
-    done = torchrun(2, *common, "--out", str(tmp_path / "part"), "--resume", *flags())
-    assert done.returncode == 0, done.stderr[-3000:]
+    launched(2, *common, "--out", str(tmp_path / "part"), "--resume", *flags())
     close(tmp_path / "full", tmp_path / "part", tol=1e-6)
 
 
@@ -101,9 +114,8 @@ def test_a_world_size_that_does_not_divide_the_batches_is_refused_before_any_wor
 
 
 def test_a_sweep_runs_under_two_processes(tmp_path, cache_dir):
-    done = torchrun(2, "sweep", "--cache", str(cache_dir), "--out", str(tmp_path / "s"), *flags(),
+    launched(2, "sweep", "--cache", str(cache_dir), "--out", str(tmp_path / "s"), *flags(),
                     "--expansion-factor", "2", "3")
-    assert done.returncode == 0, done.stderr[-3000:]
     train(TrainConfig(cache=str(cache_dir), out=str(tmp_path / "alone"), **{**SETTINGS, "expansion_factor": 3}))
     close(tmp_path / "alone", tmp_path / "s" / "mlsae-R3-k4-lr0.003")
 
@@ -123,8 +135,7 @@ def test_eval_under_two_processes_writes_the_table_of_one(tmp_path, cache_dir, s
             "--batch-tokens", "128", "--ctx", "32", "--device", "cpu", "--no-reuse-ablations"]
     one = evaluate(tmp_path / "run", data, 700, 150, ctx=32, model=model, device="cpu", batch_tokens=128, progress=False,
                    out=tmp_path / "one", reuse_ablations=False)
-    done = torchrun(2, *args, "--out", str(tmp_path / "two"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    launched(2, *args, "--out", str(tmp_path / "two"))
     two = pq.read_table(tmp_path / "two" / "eval.parquet")
     assert two.column_names == one.column_names and two.column("layer").to_pylist() == one.column("layer").to_pylist()
     for col in one.column_names[1:]:
@@ -142,9 +153,8 @@ def test_analyze_under_two_processes_writes_the_tables_of_one(tmp_path, cache_di
     model = trained_run(tmp_path, cache_dir)
     one = analyze(tmp_path / "run", str(cache_dir), 900, model=model, device="cpu", batch_tokens=128, top_n=4,
                   out=tmp_path / "one", progress=False)
-    done = torchrun(2, "analyze", str(tmp_path / "run"), "--data", str(cache_dir), "--tokens", "900", "--batch-tokens", "128",
+    launched(2, "analyze", str(tmp_path / "run"), "--data", str(cache_dir), "--tokens", "900", "--batch-tokens", "128",
                     "--top-n", "4", "--device", "cpu", "--out", str(tmp_path / "two"))
-    assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["n_tokens"] == one["n_tokens"] == 900
     for key in ("variance_ratio", "variance_ratio_paper", "multi_layer_fraction_aggregated", "multi_layer_fraction_per_token"):
@@ -171,9 +181,8 @@ def test_distribute_layers_trains_the_per_layer_saes_one_process_trains(tmp_path
     """3 layers over 2 processes (2 + 1): the activations are exchanged, each process trains its
     layers' SAEs on the whole batches, and rank 0 writes the whole coder."""
     train(TrainConfig(cache=str(cache_dir), arch="per-layer", out=str(tmp_path / "one"), **SETTINGS))
-    done = torchrun(2, "train", "--cache", str(cache_dir), "--arch", "per-layer", "--distribute-layers",
+    launched(2, "train", "--cache", str(cache_dir), "--arch", "per-layer", "--distribute-layers",
                     "--out", str(tmp_path / "two"), *flags())
-    assert done.returncode == 0, done.stderr[-3000:]
     close(tmp_path / "one", tmp_path / "two", tol=1e-5)
     one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -185,9 +194,8 @@ def test_distribute_layers_trains_the_per_layer_saes_one_process_trains(tmp_path
 def test_shard_latents_trains_the_coder_one_process_trains(tmp_path, cache_dir, arch):
     extra = {"expansion_factor": 1} if arch == "concat" else {}
     train(TrainConfig(cache=str(cache_dir), arch=arch, out=str(tmp_path / "one"), **{**SETTINGS, **extra}))
-    done = torchrun(2, "train", "--cache", str(cache_dir), "--arch", arch, "--shard-latents",
+    launched(2, "train", "--cache", str(cache_dir), "--arch", arch, "--shard-latents",
                     "--out", str(tmp_path / "two"), *flags(**extra))
-    assert done.returncode == 0, done.stderr[-3000:]
     close(tmp_path / "one", tmp_path / "two", tol=1e-5)
 
 
@@ -197,9 +205,8 @@ def test_a_split_run_resumed_from_its_checkpoint_ends_as_one_process(tmp_path, c
     takes its latents or layers back from it."""
     train(TrainConfig(cache=str(cache_dir), arch=arch, out=str(tmp_path / "one"), **SETTINGS))
     common = ["train", "--cache", str(cache_dir), "--arch", arch, split, "--out", str(tmp_path / "part")]
-    assert torchrun(2, *common, *flags(tokens=256)).returncode == 0
-    done = torchrun(2, *common, "--resume", *flags())
-    assert done.returncode == 0, done.stderr[-3000:]
+    launched(2, *common, *flags(tokens=256))
+    launched(2, *common, "--resume", *flags())
     close(tmp_path / "one", tmp_path / "part", tol=1e-5)
 
 
@@ -284,6 +291,5 @@ def test_a_cache_with_fewer_shards_than_processes_is_split_by_rows(tmp_path):
     write_cache(model, pack_windows(TEXT, model.tokenizer, 32), tmp_path / "one-shard", tokens=800, shard_tokens=10_000)
     assert len(json.loads((tmp_path / "one-shard" / "manifest.json").read_text())["shards"]) == 1
     train(TrainConfig(cache=str(tmp_path / "one-shard"), out=str(tmp_path / "one"), **{**SETTINGS, "tokens": 384}))
-    done = torchrun(2, "train", "--cache", str(tmp_path / "one-shard"), "--out", str(tmp_path / "two"), *flags(tokens=384))
-    assert done.returncode == 0, done.stderr[-3000:]
+    launched(2, "train", "--cache", str(tmp_path / "one-shard"), "--out", str(tmp_path / "two"), *flags(tokens=384))
     close(tmp_path / "one", tmp_path / "two")

@@ -5,7 +5,10 @@ accumulators of :mod:`mlsae.analysis`, and writes into ``RUN/analysis/``:
 ``drift.parquet``, ``latents.parquet``, ``layer_distribution.parquet``, ``n_layers.parquet``,
 ``examples.parquet`` (top activations per latent and layer, with context ids; query it with
 DuckDB), ``examples_preview.parquet`` (decoded text for the report), ``geometry_bins.parquet``,
-``geometry_sample.parquet``, ``heatmaps.parquet`` (for ``--prompt`` texts) and ``summary.json``.
+``geometry_sample.parquet``, ``histograms.parquet`` (each latent's activations, log-spaced bins),
+``heatmaps.parquet`` (for ``--prompt`` texts) and ``summary.json``. Examples are written in row
+groups of ``EXAMPLE_ROW_GROUP`` rows, sorted by latent, so that one latent's rows are found by the
+row groups' statistics without reading the rest (the explorer's latent page).
 
 What a latent's layer profile is comes from the arrangement (:meth:`SparseCoder.activity_by_layer`):
 where it fires for shared and per-layer latents, where it writes for joint (concat) ones. A concat
@@ -17,6 +20,7 @@ for ``--flow-text``, ``flow_text.parquet`` (:mod:`mlsae.analysis.joint`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .activations import check_finite
 from .analysis import (
-    Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, block_norm_table, block_norms, decoder_cosines,
+    ActivationHistogram, Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, block_norm_table, block_norms, decoder_cosines,
     decoder_geometry, flow_by_bucket, flow_items, information_flow, joint_latents, most_active, prompt_heatmap,
 )
 from .config import JointAnalysisConfig, save_json
@@ -39,6 +43,10 @@ from .errors import MlsaeError
 from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
 from .text import keep_mask
+
+
+EXAMPLE_ROW_GROUP = 16_384
+"""Rows per row group of ``examples.parquet``: a few dozen latents' examples at 30 layers x 10."""
 
 
 def _preview(examples: pa.Table, latents_table: pa.Table, windows: torch.Tensor, decode, n_latents: int = 24, n_examples: int = 5) -> pa.Table:
@@ -107,6 +115,8 @@ def analyze(
 
     dist = LayerDistribution(coder.n_latents, layers, shared_dictionary=coder.latent_space != "per_layer")
     examples = TopExamples(coder.n_latents, layers, n=top_n, per_layer=True)
+    code_rows = 1 if coder.latent_space == "joint" else len(layers)
+    histogram = ActivationHistogram(coder.n_latents, code_rows, per_layer=coder.latent_space == "per_layer")
     drift: Optional[Drift] = None
     seen = 0  # over all processes: under torchrun each reads every world-size-th part
     with tqdm(total=tokens, unit="tok", desc="analyse", disable=not progress) as bar:  # closed before an error is printed
@@ -135,12 +145,13 @@ def analyze(
             drift.update(seen_x)
             activity, at_layers = (t.cpu() for t in coder.layer_profile(o.top_acts, o.top_idx))  # the arrangement's per-layer profile
             dist.update(activity, at_layers)
+            histogram.update(o.top_acts, o.top_idx)
             examples.update(activity, at_layers, batch.token_ids, batch.window, batch.position)
             if seen >= tokens:
                 break
     if drift is None:
         raise MlsaeError(f"analysis data {data} gave no tokens")
-    _add_up(ranks, dist, drift, examples)
+    _add_up(ranks, dist, drift, examples, histogram)
     if not ranks.writes:  # under torchrun, rank 0 finishes and writes the tables
         return {}
 
@@ -154,6 +165,7 @@ def analyze(
         "n_layers": tables["n_layers"],
         "examples": attach_context(top, windows_t),
         "examples_preview": _preview(top, tables["latents"], windows_t, lambda ids: model.tokenizer.decode(ids)),
+        "histograms": histogram.result(layers),
     }
     summary = {
         "run": str(run.folder),
@@ -177,25 +189,52 @@ def analyze(
     if prompts:
         written["heatmaps"] = prompt_heatmaps(model, run, prompts, int(windows_t.shape[1]), excl)
     for name, table in written.items():
-        pq.write_table(table, out / f"{name}.parquet")
+        pq.write_table(table, out / f"{name}.parquet", row_group_size=EXAMPLE_ROW_GROUP if name == "examples" else None)
     summary["seconds"] = time.perf_counter() - started
     save_json(out / "summary.json", summary)
     write_checksums(out)  # last: the report refuses a table that no longer matches
     return summary
 
 
-def _add_up(ranks: World, dist: LayerDistribution, drift: Drift, examples: TopExamples) -> None:
+def _add_up(ranks: World, dist: LayerDistribution, drift: Drift, examples: TopExamples, histogram: ActivationHistogram) -> None:
     """Under torchrun: every process's accumulators (of its own tokens) merged into the whole's."""
     if not ranks.distributed:
         return
     ranks.sum_fields(dist, LayerDistribution.SUMMED)
     ranks.sum_fields(drift, Drift.SUMMED)
+    ranks.sum_fields(histogram, ActivationHistogram.SUMMED)
     keys = ranks.gather(examples.key)
     slabs = [{} for _ in keys]
     for f, slab in examples.slab.items():
         for r, part in enumerate(ranks.gather(slab)):
             slabs[r][f] = part
     examples.absorb(keys, slabs)
+
+
+@dataclass
+class PromptCodes:
+    """A text's tokens and, at the positions that count, its per-layer codes: ``activity`` and
+    ``latents`` ``[counted positions, layers, k]`` (:meth:`SparseCoder.layer_profile`)."""
+
+    ids: torch.Tensor  # [positions] token ids
+    counted: torch.Tensor  # [positions] bool: special tokens and (by default) the first position do not count
+    activity: torch.Tensor
+    latents: torch.Tensor
+
+
+def code_prompt(model: ResidualModel, coder, text: str, ctx: int, exclude_first: bool = True, what: str = "prompt") -> PromptCodes:
+    """Run ``text`` through the model and the coder, positions that do not count left out as in training."""
+    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] > ctx:
+        raise MlsaeError(f"{what} of {ids.shape[1]} tokens is longer than the context ({ctx}): shorten it")
+    keep = keep_mask(ids, special_token_ids(model.tokenizer), exclude_first)[0]
+    if not keep.any():
+        raise MlsaeError(f"{what} {text!r} has no position that counts (it is too short)")
+    acts = model.capture(ids, coder.layers)[0][keep]  # [kept positions, layers, d]
+    with torch.no_grad():
+        o = coder(acts.to(coder.dictionaries()[0].W_enc.device, torch.float32))
+        activity, latents = (t.cpu() for t in coder.layer_profile(o.top_acts, o.top_idx))
+    return PromptCodes(ids[0], keep, activity, latents)
 
 
 def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], ctx: int, exclude_first: bool = True) -> pa.Table:
@@ -206,16 +245,8 @@ def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], 
     coder = run.coder
     rows: dict[str, list] = {"prompt": [], "latent": [], "layer": [], "activation": []}
     for text in prompts:
-        ids = model.tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] > ctx:
-            raise MlsaeError(f"prompt of {ids.shape[1]} tokens is longer than the context ({ctx}): shorten it")
-        keep = keep_mask(ids, special_token_ids(model.tokenizer), exclude_first)[0]
-        if not keep.any():
-            raise MlsaeError(f"prompt {text!r} has no position that counts (it is too short)")
-        acts = model.capture(ids, coder.layers)[0][keep]  # [kept positions, layers, d]
-        with torch.no_grad():
-            o = coder(acts.float())
-        heat = prompt_heatmap(*(t.cpu() for t in coder.layer_profile(o.top_acts, o.top_idx)), coder.n_latents)
+        codes = code_prompt(model, coder, text, ctx, exclude_first)
+        heat = prompt_heatmap(codes.activity, codes.latents, coder.n_latents)
         for r, latent in enumerate(heat.latents):
             for c, layer in enumerate(coder.layers):
                 rows["prompt"].append(text)

@@ -223,6 +223,12 @@ def run_push(cfg: cfgmod.PushConfig) -> None:
     print(f"uploaded {cfg.run} to {push_to_hub(cfg.run, cfg.repo_id, private=cfg.private)}")
 
 
+def run_serve(cfg: cfgmod.ServeConfig) -> None:
+    from .serve import serve
+
+    serve(cfg.runs, cfg.host, cfg.port, cfg.device)
+
+
 # name -> (config class, runner, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "cache": (cfgmod.CacheConfig, run_cache, "Capture residual-stream activations to a disk cache."),
@@ -235,6 +241,7 @@ COMMANDS: dict[str, tuple[type, Callable, str]] = {
     "export": (cfgmod.ExportConfig, run_export, "Write a run's coder as per-layer SAE folders for sparsify or SAELens."),
     "import": (cfgmod.ImportConfig, run_import, "Read per-layer SAEs saved by sparsify or SAELens as a per-layer run."),
     "push": (cfgmod.PushConfig, run_push, "Upload a finished run to the Hugging Face hub with a generated model card."),
+    "serve": (cfgmod.ServeConfig, run_serve, "Explore runs in the browser: overview, latent pages and prompts (a local web app)."),
     "demo": (cfgmod.DemoConfig, run_demo, "Run the whole chain offline on SmolLM2 and the built-in corpus."),
 }
 

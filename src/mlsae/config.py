@@ -293,6 +293,18 @@ class PushConfig:
 
 
 @dataclass
+class ServeConfig:
+    runs: list[str] = dataclasses.field(default_factory=list)
+    """Run folders to explore (finished runs; analyse them first for the latent pages)."""
+    host: str = "127.0.0.1"
+    """Address to listen on: loopback by default (there is no login: another address lets others read the runs)."""
+    port: int = 8000
+    """Port to listen on."""
+    device: str = "cpu"
+    """Torch device for the live model and coder (prompts): cpu, cuda, cuda:N or auto."""
+
+
+@dataclass
 class DemoConfig:
     out: str = "mlsae-demo"
     """Folder for the demo's run, evaluation, analysis and report."""
@@ -314,7 +326,7 @@ MINIMUM = {
     "shuffle_buffer_mb": 1, "dead_tokens": 1, "expansion_factor": 1, "n_latents": 1, "k": 1, "cosine_latents": 1,
     "flow_latents_per_bucket": 0, "flow_tokens": 1, "flow_windows": 1, "flow_positions": 2, "flow_max_k": 1, "flow_latent": 0, "k_aux": 1, "ctx": 2,
     "windows_per_batch": 1, "shard_tokens": 1, "batch_tokens": 1, "top_n": 1, "eval_tokens": 1,
-    "downstream_tokens": 0, "layers": 0,
+    "downstream_tokens": 0, "layers": 0, "port": 1,
 }
 """The smallest value each integer setting (or each item of a list of them) may take."""
 POSITIVE_FLOATS = ("lr", "adam_eps", "init_gain")
@@ -365,13 +377,15 @@ def validate(cfg) -> None:
             raise MlsaeError(f"--device {value!r}: expected cpu, cuda, cuda:N, mps or auto")
         if f.name == "run" and not value:
             raise MlsaeError("RUN: expected the folder of a trained run")
+        if f.name == "port" and value > 65535:
+            raise MlsaeError(f"--port {value}: expected a port number from 1 to 65535")
     n_latents, k = getattr(cfg, "n_latents", None), getattr(cfg, "k", None)
     k = max(k) if isinstance(k, list) else k
     if n_latents is not None and k is not None and k > n_latents:
         raise MlsaeError(f"--k {k} is larger than --n-latents {n_latents}: expected k <= n_latents")
 
 
-POSITIONAL = {"run", "action", "source"}
+POSITIONAL = {"run", "runs", "action", "source"}
 """Fields given as positional arguments on the command line."""
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         tp, _ = _unwrap_optional(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if f.name in POSITIONAL:
-            parser.add_argument(f.name, metavar=f.name.upper(), help=docs.get(f.name, ""))
+            many = {"nargs": "+"} if typing.get_origin(tp) is list else {}
+            parser.add_argument(f.name, metavar=f.name.upper(), help=docs.get(f.name, ""), **many)
             continue
         flags = ["--" + f.name.replace("_", "-")] + (["-" + f.name] if len(f.name) == 1 else [])
         help_text = f"{docs.get(f.name, '')} (default: {default})"

@@ -264,24 +264,44 @@ def _dtype_argument() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+def _source(spec: str) -> tuple[str, dict]:
+    """Where ``from_pretrained`` reads ``spec``: the folder or hub id, and ``gguf_file`` when it is one."""
+    path, gguf_file = resolve_model_spec(spec)
+    if gguf_file is None:
+        return path, {}
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise MlsaeError(f"model {spec} is a GGUF file, which needs the 'gguf' package: pip install gguf") from None
+    return path, {"gguf_file": gguf_file}
+
+
+@contextlib.contextmanager
+def _loading(spec: str) -> Iterator[None]:
+    """A loader's error as one line naming the model."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MlsaeError(f"could not load model {spec}: {first}") from None
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec alone (decoding stored token ids needs no weights)."""
+    import transformers
+
+    path, kwargs = _source(spec)
+    with _loading(spec):
+        return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "auto") -> ResidualModel:
     """Load a causal LM and its tokenizer from a hub id, a local folder or a .gguf file."""
     import transformers
 
-    path, gguf_file = resolve_model_spec(spec)
-    dtype_arg = _dtype_argument()
-    kwargs = {}
-    if gguf_file is not None:
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise MlsaeError(f"model {spec} is a GGUF file, which needs the 'gguf' package: pip install gguf") from None
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **{dtype_arg: parse_dtype(dtype, "model dtype")}, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MlsaeError(f"could not load model {spec}: {first}") from None
+    path, kwargs = _source(spec)
+    tokenizer = load_tokenizer(spec)
+    with _loading(spec):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **{_dtype_argument(): parse_dtype(dtype, "model dtype")}, **kwargs)
     model.to(resolve_device(device))
     return ResidualModel(model, tokenizer, spec)

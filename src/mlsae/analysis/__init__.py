@@ -21,6 +21,7 @@ A driver's loop, in outline::
 from .drift import Drift, LayerMeans
 from .examples import Heatmap, TopExamples, attach_context, prompt_heatmap, query_examples
 from .geometry import DecoderGeometry, decoder_geometry
+from .histogram import ActivationHistogram
 from .joint import (
     FlowItem, block_norm_table, block_norms, decoder_cosines, flow_by_bucket, flow_items, information_flow,
     joint_latents, layers_holding, most_active,
@@ -28,6 +29,7 @@ from .joint import (
 from .layers import LayerDistribution
 
 __all__ = [
+    "ActivationHistogram",
     "DecoderGeometry",
     "FlowItem",
     "block_norm_table",

@@ -1,0 +1,31 @@
+"""The web explorer (``mlsae serve``): a local FastAPI app over runs' tables and, on request,
+the live model and coder. :mod:`.explorer` answers the questions, :mod:`.app` puts them on
+the web, ``static/`` holds the pages (plain HTML and JavaScript, no build step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import MlsaeError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
+    """Serve ``runs`` until interrupted. Every run is opened (and refused, with its reason) before
+    the server starts; the model loads on the first prompt."""
+    import uvicorn
+
+    from .app import create_app
+
+    if not runs:
+        raise MlsaeError("mlsae serve: expected at least one run folder")
+    for folder in runs:
+        print(f"opening {folder}", flush=True)
+    app = create_app(runs, device=device)
+    if host not in LOOPBACK:
+        print(f"warning: serving on {host}, not loopback: anyone who reaches this address can read the runs (there is no login)")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {len(app.state.runs)} run(s) at http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
