@@ -90,3 +90,38 @@ def smollm2() -> ResidualModel:
     from mlsae.model import load_model
 
     return load_model(str(SMOLLM2), device="cpu")
+
+
+EXPLORER_TEXT = [f"Paragraph {i}: the library reads files, parses {i % 11} records and writes tables." for i in range(200)]
+
+
+@pytest.fixture(scope="session")
+def explorer_runs(tmp_path_factory) -> dict[str, Path]:
+    """Runs for the explorer on a tiny model saved to a folder (so the server loads it as a user's
+    would): an MLSAE and a concat run, evaluated and analysed; a per-layer bank analysed only; an
+    MLSAE never analysed. Also ``text``: the held-out text, and ``model``: the model folder."""
+    import json
+
+    from mlsae.analyze import analyze
+    from mlsae.config import TrainConfig
+    from mlsae.evaluate import evaluate
+    from mlsae.train import train
+
+    folder = tmp_path_factory.mktemp("explorer")
+    model = tiny_model("llama", n_layers=3, seed=4)
+    model.model.save_pretrained(folder / "model")
+    model.tokenizer.save_pretrained(folder / "model")
+    model.name = str(folder / "model")  # the runs record the folder: the server loads the model from it
+    text = folder / "t.jsonl"
+    text.write_text("\n".join(json.dumps({"text": t}) for t in EXPLORER_TEXT))
+    runs = {"text": text, "model": folder / "model"}
+    for name, arch, evaluated, analysed in (("mlsae", "mlsae", True, True), ("concat", "concat", True, True),
+                                            ("per-layer", "per-layer", False, True), ("bare", "mlsae", False, False)):
+        out = runs[name] = folder / name
+        train(TrainConfig(out=str(out), data=str(text), arch=arch, expansion_factor=2, k=4, tokens=384, tokens_per_step=64,
+                          micro_batch_tokens=64, lr=3e-3, ctx=24, device="cpu", shuffle_buffer_mb=1), model=model)
+        if evaluated:
+            evaluate(out, str(text), 300, 50, ctx=24, model=model, device="cpu", progress=False)
+        if analysed:
+            analyze(out, str(text), tokens=300, model=model, device="cpu", progress=False)
+    return runs

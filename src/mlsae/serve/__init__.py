@@ -4,8 +4,12 @@ the web, ``static/`` holds the pages (plain HTML and JavaScript, no build step).
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..errors import MlsaeError
 
@@ -29,3 +33,31 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {len(app.state.runs)} run(s) at http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def in_background(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 0, device: str = "cpu") -> Iterator[str]:
+    """The explorer served from a thread of this process (a notebook, a test, a load test) while
+    the block runs; yields its base URL. ``port=0`` takes a free port."""
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(runs, device=device)
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise MlsaeError(f"the explorer did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
