@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..analysis.histogram import bin_edges
 from ..errors import MlsaeError
 from ..runs import RunSpec, check_model, locate_run, open_run
 
@@ -307,13 +308,22 @@ class ServedRun:
         profile = self._query(f"SELECT layer, probability, activation_sum, n_firings FROM distribution WHERE {same} ORDER BY layer", key)
         blocks = (self._query("SELECT layer, enc_norm, dec_norm FROM block_norms WHERE latent = ? ORDER BY layer", [latent])
                   if self.has("block_norms") else None)
-        histogram = (self._query(f"SELECT bin_lo, bin_hi, count FROM histograms WHERE {same} ORDER BY bin_lo", key)
-                     if self.has("histograms") else None)
+        histogram = self._histogram(same, key) if self.has("histograms") else None
         return {
             "run": self.name, "arch": self.arch, "latent_space": self.latent_space, "latent": latent, "dictionary_layer": d,
             "layers": self.layers, "stats": stats[0] if stats else None, "profile": profile, "block_norms": blocks,
             "histogram": histogram, "examples": self.examples(latent, d, examples_per_layer), "nearest": self.nearest(latent, d),
         }
+
+    def _histogram(self, same: str, key: list) -> list[dict]:
+        """The latent's bins from its lowest to its highest non-empty one, the empty ones between included."""
+        rows = self._query(f"SELECT bin_lo, count FROM histograms WHERE {same} ORDER BY bin_lo", key)
+        if not rows:
+            return []
+        edges = bin_edges()
+        first, last = (int(np.argmin(np.abs(edges - rows[i]["bin_lo"]))) for i in (0, -1))
+        counts = {int(np.argmin(np.abs(edges - r["bin_lo"]))): r["count"] for r in rows}
+        return [{"bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]), "count": counts.get(b, 0)} for b in range(first, last + 1)]
 
     def examples(self, latent: int, layer: Optional[int], per_layer: int) -> list[dict]:
         """Top examples at each layer (a per-layer latent: its own layer), each token of the context decoded."""

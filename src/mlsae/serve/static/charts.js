@@ -26,8 +26,9 @@ export function heat(v) {
   return `rgb(${r},${g},${b})`;
 }
 
-function ticks(lo, hi, n = 5) {
+function ticks(lo, hi, n = 5, integer = false) {
   if (!(hi > lo)) return [lo];
+  if (integer && hi - lo <= n * 2) return Array.from({ length: hi - lo + 1 }, (_, i) => lo + i);
   const step = Math.pow(10, Math.floor(Math.log10((hi - lo) / n)));
   const nice = [1, 2, 5, 10].map((m) => m * step).find((s) => (hi - lo) / s <= n) || step * 10;
   const out = [];
@@ -106,7 +107,9 @@ export function lines(el, series, { xLabel = "", yLabel = "" } = {}) {
   const fx = (x) => left + (x1 > x0 ? ((x - x0) / (x1 - x0)) * w : w / 2);
   const fy = (y) => top + h - (y1 > y0 ? ((y - y0) / (y1 - y0)) * h : h / 2);
   const g = svg("g", {}, s);
-  axes(g, left, top, w, h, ticks(x0, x1, 10), ticks(y0, y1), fx, fy, { x: xLabel, y: yLabel });
+  const integerX = xs.every(Number.isInteger);
+  const xt = ticks(x0, x1, 10, integerX).filter((v) => !integerX || Number.isInteger(v));
+  axes(g, left, top, w, h, xt, ticks(y0, y1), fx, fy, { x: xLabel, y: yLabel });
   series.forEach((se, k) => {
     const colour = ["#b2182b", "#2166ac", "#1b7837", "#762a83"][k % 4];
     if (se.band && se.band.length) {

@@ -116,7 +116,8 @@ function latentTable(data) {
     for (const [k, v] of Object.entries(state)) if (v === "" || v === null || v === undefined) delete state[k];
     fill();
     const params = new URLSearchParams({ limit: 50, ...state });
-    history.replaceState(null, "", `${location.pathname}?${new URLSearchParams(state)}`);
+    const search = new URLSearchParams(state).toString();
+    history.replaceState(null, "", search ? `${location.pathname}?${search}` : location.pathname);
     try {
       const page = await api(`/api/runs/${encodeURIComponent(runName)}/latents?${params}`);
       const cols = ["latent", ...(run.latent_space === "per_layer" ? ["dictionary_layer"] : []), "activation_rate", "mean_layer", "layer_variance",
