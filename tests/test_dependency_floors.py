@@ -51,7 +51,8 @@ def test_the_declared_floors_pass_the_model_tests(tmp_path):
     for pin in floor_pins():
         name, version = pin.lower().split("==")
         assert re.search(rf"^{re.escape(name).replace('_', '[-_]')}==({re.escape(version)}(\.0)*)(\+\S+)?$", frozen, re.M), pin
-    tests = ["tests/test_model.py", "tests/test_evaluate.py", "tests/test_train.py", "tests/test_sae.py", "tests/test_hub.py"]
+    tests = ["tests/test_model.py", "tests/test_evaluate.py", "tests/test_train.py", "tests/test_sae.py", "tests/test_hub.py",
+             "tests/test_serve.py", "tests/test_serve_browser.py", "tests/test_serve_load.py"]
     run = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:]

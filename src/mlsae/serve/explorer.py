@@ -136,6 +136,7 @@ class ServedRun:
         self.ctx = int(self.meta.get("train", {}).get("ctx") or 2048)
         self.tables = self.folder / "analysis"
         self._db = duckdb.connect()
+        self._db.execute("SET enable_object_cache = true")  # the examples file's footer parsed once, not per latent
         self._lock = threading.Lock()
         self._run: Optional[RunSpec] = None  # the coder, loaded on first need
         self._model_checked = False

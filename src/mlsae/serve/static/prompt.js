@@ -1,6 +1,6 @@
 // A text coded at every token and layer: click a token for its latents x layers heatmap and the
 // top latents at each layer; every latent links to its page. The text lives in the URL (?text=).
-import { heatmap } from "./charts.js";
+import { heat, heatmap } from "./charts.js";
 import { api, el, fmt, header, latentHref, latentLink, query, runName, showError, table } from "./common.js";
 
 const main = document.getElementById("main");
@@ -26,9 +26,14 @@ function render(d) {
   d.counted.forEach((c, i) => { if (c) counted.push(i); });
   const strip = el("div", { class: "tokens", id: "tokens" });
   const detail = el("div", { id: "token-detail" });
-  out.append(el("h2", { text: "Tokens" }), el("p", { class: "note", text: "Click a token (underlined: it counts; the others are left out as in training)." }), strip, detail);
+  out.append(el("h2", { text: "Tokens" }), el("p", { class: "note", text: "Click a token (underlined: it counts, shaded by its latents' total activity; the others are left out as in training)." }), strip, detail);
+  const totals = d.heat.map((h) => h.values.flat().reduce((a, b) => a + b, 0));
+  const most = Math.max(...totals, 1e-12);
   const spans = d.tokens.map((t, i) => {
-    const span = el("span", { class: d.counted[i] ? "counted" : null, text: t, "data-position": i });
+    const row = counted.indexOf(i);
+    const span = el("span", { class: d.counted[i] ? "counted" : null, text: t, "data-position": i,
+      title: row >= 0 ? `activity ${fmt(totals[row], 3)}` : "left out (as in training)" });
+    if (row >= 0) span.style.background = heat(0.6 * totals[row] / most);
     strip.append(span);
     return span;
   });
@@ -66,7 +71,6 @@ function render(d) {
     latentHeatmap(out, d.overall, d.layers, "prompt-heatmap");
   }
   // start on the token with the most activity
-  const totals = d.heat.map((h) => h.values.flat().reduce((a, b) => a + b, 0));
   if (counted.length) select(counted[totals.indexOf(Math.max(...totals))]);
 }
 
