@@ -283,3 +283,48 @@ def test_mlsae_serve_starts_from_the_command_line_and_refuses_a_bad_run(explorer
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_a_bank_heatmap_puts_each_latent_at_its_own_layer(client, explorer_runs):
+    heat = client.get("/api/runs/per-layer/overview").json()["heatmap"]
+    lat = table(explorer_runs["per-layer"], "latents").to_pandas()
+    assert heat["n_live"] == int((~lat.dead).sum()) and heat["latents_per_row"] == 1
+    rows = np.array(heat["rows"])
+    assert (np.sort(rows, axis=1)[:, :-1] == 0).all() and np.allclose(rows.max(1), 1)  # one layer each, its peak
+    assert (np.diff(rows.argmax(1)) >= 0).all()  # sorted by mean layer = dictionary layer
+
+
+def test_the_table_pages_through_a_hundred_and_twenty_thousand_latents(explorer_runs, tmp_path):
+    """A run whose analysis tables list 120k latents (written here, not trained): the pages are
+    disjoint, cover the table in the order asked, and the heatmap bins every live latent."""
+    import shutil
+
+    import pyarrow as pa
+
+    run = tmp_path / "wide"
+    shutil.copytree(explorer_runs["mlsae"], run)
+    n = 120_000
+    rng = np.random.default_rng(0)
+    mean_layer = rng.uniform(0, 2, n)
+    dead = rng.random(n) < 0.1
+    lat = pa.table({"latent": np.arange(n), "dictionary_layer": pa.nulls(n, pa.int64()), "dead": dead,
+                    "n_tokens": rng.integers(1, 300, n), "n_firings": rng.integers(1, 900, n), "activation_sum": rng.random(n),
+                    "mean_layer": pa.array(mean_layer, mask=dead), "aggregated_variance": rng.random(n), "per_token_variance": rng.random(n),
+                    "variance_ratio": rng.random(n) + 1, "n_layers_active": rng.integers(1, 4, n)})
+    pq.write_table(lat, run / "analysis" / "latents.parquet")
+    dist = pa.table({"latent": np.repeat(np.arange(n), 3), "dictionary_layer": pa.nulls(3 * n, pa.int64()),
+                     "layer": np.tile([0, 1, 2], n), "probability": rng.random(3 * n)})
+    pq.write_table(dist, run / "analysis" / "layer_distribution.parquet")
+    meta = json.loads((run / "config.json").read_text())
+    meta["n_latents"] = n
+    (run / "config.json").write_text(json.dumps(meta))
+    with TestClient(create_app([run])) as c:
+        seen = []
+        for offset in range(0, n, 500):
+            page = c.get(f"/api/runs/wide/latents?sort=mean_layer&live_only=true&limit=500&offset={offset}").json()
+            seen += [r["latent"] for r in page["rows"]]
+        assert page["total"] == int((~dead).sum()) == len(seen) == len(set(seen))
+        assert seen == np.arange(n)[~dead][np.argsort(mean_layer[~dead], kind="stable")].tolist()
+        heat = c.get("/api/runs/wide/overview").json()["heatmap"]
+        assert heat["n_live"] == int((~dead).sum()) and len(heat["rows"]) <= 240
+        assert heat["latents_per_row"] * len(heat["rows"]) >= heat["n_live"]

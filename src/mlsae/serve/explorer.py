@@ -224,27 +224,41 @@ class ServedRun:
 
     def _build_heatmap(self) -> dict:
         L = len(self.layers)
-        col = {l: j for j, l in enumerate(self.layers)}
-        live = self._query("SELECT latent, coalesce(dictionary_layer, -1) AS d, mean_layer FROM latents WHERE NOT dead ORDER BY mean_layer, d, latent")
-        if not live:
-            return {"layers": self.layers, "rows": [], "latents_per_row": 0, "n_live": 0}
-        key = {(r["latent"], r["d"]): i for i, r in enumerate(live)}
-        grid = np.zeros((len(live), L))
         cursor = self._db.cursor()
-        dist = cursor.execute("SELECT latent, coalesce(dictionary_layer, -1) AS d, layer, probability FROM distribution").fetchnumpy()
-        cursor.close()
-        for latent, d, layer, p in zip(dist["latent"], dist["d"], dist["layer"], dist["probability"]):
-            i = key.get((int(latent), int(d)))
-            if i is not None:
-                grid[i, col[int(layer)]] = p
+        try:
+            live = cursor.execute("SELECT latent, coalesce(dictionary_layer, -1) AS d, mean_layer FROM latents WHERE NOT dead "
+                                  "ORDER BY mean_layer, d, latent").fetchnumpy()
+            dist = cursor.execute("SELECT latent, coalesce(dictionary_layer, -1) AS d, layer, probability FROM distribution").fetchnumpy()
+        finally:
+            cursor.close()
+        n_live = len(live["latent"])
+        if not n_live:
+            return {"layers": self.layers, "rows": [], "latents_per_row": 0, "n_live": 0}
+        position = np.full(max(self.layers) + 1, -1, dtype=np.int64)
+        position[self.layers] = np.arange(L)
+
+        def layer_pos(layer) -> np.ndarray:
+            return position[np.asarray(layer, dtype=np.int64)]
+
+        def keys(t) -> np.ndarray:  # a latent's index, plus its dictionary's position x n_latents in a per-layer bank
+            d = np.asarray(t["d"], dtype=np.int64)
+            return np.asarray(t["latent"], dtype=np.int64) + np.where(d >= 0, layer_pos(np.maximum(d, 0)), 0) * self.n_latents
+
+        row_of = np.full(self.n_latents * (L if self.latent_space == "per_layer" else 1), -1, dtype=np.int64)
+        row_of[keys(live)] = np.arange(n_live)
+        rows, cols = row_of[keys(dist)], layer_pos(dist["layer"])
+        keep = (rows >= 0) & (cols >= 0)
+        grid = np.zeros((n_live, L))
+        grid[rows[keep], cols[keep]] = np.asarray(dist["probability"], dtype=np.float64)[keep]
         grid /= np.maximum(grid.max(1, keepdims=True), 1e-12)
-        per = max(1, math.ceil(len(live) / HEATMAP_ROWS))
-        starts = range(0, len(live), per)
+        mean_layer = np.asarray(live["mean_layer"], dtype=np.float64)
+        per = max(1, math.ceil(n_live / HEATMAP_ROWS))
+        starts = range(0, n_live, per)
         return {
             "layers": self.layers, "rows": [grid[i : i + per].mean(0).round(4).tolist() for i in starts],
-            "mean_layer_lo": [live[i]["mean_layer"] for i in starts],
-            "mean_layer_hi": [live[min(i + per, len(live)) - 1]["mean_layer"] for i in starts],
-            "latents_per_row": per, "n_live": len(live),
+            "mean_layer_lo": [float(mean_layer[i]) for i in starts],
+            "mean_layer_hi": [float(mean_layer[min(i + per, n_live) - 1]) for i in starts],
+            "latents_per_row": per, "n_live": n_live,
         }
 
     # ----------------------------------------------------------------------------------------
