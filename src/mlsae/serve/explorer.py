@@ -84,7 +84,9 @@ class ModelShelf:
     that read them. A model is used by one request at a time (capturing hooks its blocks)."""
 
     def __init__(self, device: str = "cpu"):
-        self.device = device
+        from ..model import resolve_device
+
+        self.device = str(resolve_device(device))
         self._lock = threading.Lock()
         self._models: dict[str, Any] = {}
         self._in_use: dict[str, threading.Lock] = {}
@@ -378,7 +380,7 @@ class ServedRun:
     def coder(self):
         with self._lock:
             if self._run is None:
-                self._run = open_run(self.folder, "cpu")
+                self._run = open_run(self.folder, self.shelf.device)
             return self._run.coder
 
     def prompt(self, text: str, top_per_cell: int = 5, heat_rows: int = 16) -> dict:
