@@ -26,28 +26,34 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def fetch(url: str) -> float:
-    """Seconds to read ``url`` whole; an HTTP error raises."""
+def fetch(url: str) -> tuple[float, bytes]:
+    """Seconds to read ``url`` whole, and what it read; an HTTP error raises."""
     started = time.perf_counter()
     with urllib.request.urlopen(url, timeout=120) as response:
-        response.read()
-    return time.perf_counter() - started
+        body = response.read()
+    return time.perf_counter() - started, body
 
 
-def load(pages: list[list[str]], concurrency: int) -> list[float]:
-    """Load each page (its URLs one after another, as a browser would) from ``concurrency`` threads;
-    the seconds each page took, in the order given."""
+def load(pages: list[list[str]], concurrency: int) -> list[tuple[float, bytes]]:
+    """Load each page (its URLs one after another, as a browser would) from ``concurrency`` threads:
+    for each page in the order given, the seconds it took and its last URL's answer (the data)."""
+    def one(urls: list[str]) -> tuple[float, bytes]:
+        answers = [fetch(u) for u in urls]
+        return sum(s for s, _ in answers), answers[-1][1]
+
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda urls: sum(fetch(u) for u in urls), pages))
+        return list(pool.map(one, pages))
 
 
-def percentiles(seconds: list[float]) -> dict:
-    ms = sorted(s * 1000 for s in seconds)
+def percentiles(answers: list[tuple[float, bytes]]) -> dict:
+    ms = sorted(s * 1000 for s, _ in answers)
     return {"requests": len(ms), "p50_ms": statistics.median(ms), "p95_ms": ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], "max_ms": ms[-1]}
 
 
 def latent_pages(base: str, run: str, n: int, seed: int = 0) -> list[list[str]]:
-    info = json.load(urllib.request.urlopen(f"{base}/api/runs/{run}/latents?live_only=true&limit=500"))
+    info = json.load(urllib.request.urlopen(f"{base}/api/runs/{run}/latents?live_only=true&limit=1"))
+    if not info["total"]:
+        return []
     rng = random.Random(seed)
     pages = []
     for _ in range(n):
@@ -123,7 +129,8 @@ def main() -> None:
 
     _, meta, _ = locate_run(args.runs[0])
     tokenizer = load_tokenizer(meta["model"])
-    text = prompt_text(tokenizer, args.prompt_tokens, Path(args.corpus))
+    ctx = min(locate_run(r)[1].get("train", {}).get("ctx") or args.prompt_tokens for r in args.runs)
+    text = prompt_text(tokenizer, min(args.prompt_tokens, ctx), Path(args.corpus))
     rows = []
     with in_background(args.runs) as base:
         runs = json.load(urllib.request.urlopen(f"{base}/api/runs"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mlsae.model import ResidualModel
 
@@ -38,6 +38,7 @@ def char_tokenizer(add_bos: bool = True) -> transformers.PreTrainedTokenizerFast
     """One token per character; ids 0/1/2 are PAD/BOS/EOS."""
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # decoding joins the characters back into the text
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(
@@ -92,14 +93,16 @@ def smollm2() -> ResidualModel:
     return load_model(str(SMOLLM2), device="cpu")
 
 
+EXPLORER_LAYERS = [0, 2, 3]
 EXPLORER_TEXT = [f"Paragraph {i}: the library reads files, parses {i % 11} records and writes tables." for i in range(200)]
 
 
 @pytest.fixture(scope="session")
 def explorer_runs(tmp_path_factory) -> dict[str, Path]:
     """Runs for the explorer on a tiny model saved to a folder (so the server loads it as a user's
-    would): an MLSAE and a concat run, evaluated and analysed; a per-layer bank analysed only; an
-    MLSAE never analysed. Also ``text``: the held-out text, and ``model``: the model folder."""
+    would), reading layers 0, 2 and 3 of four (a layer's number is not its position): an MLSAE and
+    a concat run, evaluated and analysed; a per-layer bank analysed only; an MLSAE never analysed.
+    Also ``text``: the held-out text, and ``model``: the model folder."""
     import json
 
     from mlsae.analyze import analyze
@@ -108,7 +111,7 @@ def explorer_runs(tmp_path_factory) -> dict[str, Path]:
     from mlsae.train import train
 
     folder = tmp_path_factory.mktemp("explorer")
-    model = tiny_model("llama", n_layers=3, seed=4)
+    model = tiny_model("llama", n_layers=4, seed=4)
     model.model.save_pretrained(folder / "model")
     model.tokenizer.save_pretrained(folder / "model")
     model.name = str(folder / "model")  # the runs record the folder: the server loads the model from it
@@ -118,7 +121,7 @@ def explorer_runs(tmp_path_factory) -> dict[str, Path]:
     for name, arch, evaluated, analysed in (("mlsae", "mlsae", True, True), ("concat", "concat", True, True),
                                             ("per-layer", "per-layer", False, True), ("bare", "mlsae", False, False)):
         out = runs[name] = folder / name
-        train(TrainConfig(out=str(out), data=str(text), arch=arch, expansion_factor=2, k=4, tokens=384, tokens_per_step=64,
+        train(TrainConfig(out=str(out), data=str(text), arch=arch, layers=EXPLORER_LAYERS, expansion_factor=2, k=4, tokens=384, tokens_per_step=64,
                           micro_batch_tokens=64, lr=3e-3, ctx=24, device="cpu", shuffle_buffer_mb=1), model=model)
         if evaluated:
             evaluate(out, str(text), 300, 50, ctx=24, model=model, device="cpu", progress=False)

@@ -14,10 +14,12 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
+from conftest import EXPLORER_LAYERS as LAYERS
 from mlsae.analysis.histogram import ActivationHistogram, bin_edges
 from mlsae.model import load_model
 from mlsae.serve import in_background
 from mlsae.serve.app import create_app, run_names
+from mlsae.serve.explorer import TokenText
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def test_the_runs_are_listed_with_what_each_holds(client):
     assert runs["concat"]["latent_space"] == "joint" and runs["per-layer"]["latent_space"] == "per_layer"
     assert [runs[n]["analysed"] for n in runs] == [True, True, True, False]
     assert [runs[n]["evaluated"] for n in runs] == [True, True, False, False]
-    assert runs["mlsae"]["ctx"] == 24 and runs["mlsae"]["layers"] == [0, 1, 2]
+    assert runs["mlsae"]["ctx"] == 24 and runs["mlsae"]["layers"] == LAYERS
 
 
 def test_run_names_are_unique_and_url_safe(tmp_path):
@@ -56,8 +58,8 @@ def test_the_overview_holds_the_eval_table_the_drift_and_the_layer_heatmap(clien
     lat = table(run, "latents").to_pandas()
     live = lat[~lat.dead].sort_values(["mean_layer", "latent"], kind="stable")
     dist = table(run, "layer_distribution").to_pandas()
-    grid = np.zeros((64, 3))
-    grid[dist.latent, dist.layer] = dist.probability
+    grid = np.zeros((64, len(LAYERS)))
+    grid[dist.latent, [LAYERS.index(l) for l in dist.layer]] = dist.probability
     expected = grid[live.latent.to_numpy()]
     expected = expected / expected.max(1, keepdims=True)
     heat = data["heatmap"]
@@ -87,12 +89,14 @@ def test_the_latent_table_sorts_filters_and_pages_as_the_table_says(client, expl
 
 def test_a_concat_table_filters_by_trigger_layer_and_a_bank_by_dictionary(client, explorer_runs):
     joint = table(explorer_runs["concat"], "joint_latents").to_pandas()
-    for layer in (0, 2):
+    for layer in LAYERS:
         got = client.get(f"/api/runs/concat/latents?trigger_layer={layer}&limit=500").json()
         assert got["total"] == int((joint.trigger_layer == layer).sum())
         assert {r["latent"] for r in got["rows"]} == set(joint.latent[joint.trigger_layer == layer])
-    bank = client.get("/api/runs/per-layer/latents?dictionary_layer=1&limit=500").json()
-    assert bank["total"] == 64 and {r["dictionary_layer"] for r in bank["rows"]} == {1}
+    bank = client.get("/api/runs/per-layer/latents?dictionary_layer=2&limit=500").json()
+    assert bank["total"] == 64 and {r["dictionary_layer"] for r in bank["rows"]} == {2}
+    default = client.get("/api/runs/per-layer/latents?limit=70").json()["rows"]  # listed dictionary by dictionary
+    assert [(r["dictionary_layer"], r["latent"]) for r in default] == [(0, i) for i in range(64)] + [(2, i) for i in range(6)]
     assert client.get("/api/runs/mlsae/latents?trigger_layer=1").status_code == 422
 
 
@@ -124,53 +128,105 @@ def test_a_latent_page_holds_its_profile_examples_histogram_and_nearest_latents(
     assert [n["cosine"] for n in d["nearest"]] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
-def test_a_concat_latent_has_block_norms_and_a_bank_latent_its_own_layer(client, explorer_runs):
-    norms = table(explorer_runs["concat"], "block_norms").to_pandas()
-    d = client.get("/api/runs/concat/latents/7").json()
-    assert [b["dec_norm"] for b in d["block_norms"]] == pytest.approx(norms[norms.latent == 7].sort_values("layer").dec_norm.tolist())
-    lat = table(explorer_runs["concat"], "latents").to_pandas()
-    assert sum(b["count"] for b in d["histogram"]) == lat.n_tokens[7]  # one joint code per token
-    bank = client.get("/api/runs/per-layer/latents/5?layer=2").json()
-    assert bank["dictionary_layer"] == 2 and {e["layer"] for e in bank["examples"]} <= {2}
-    W = load_file(str(explorer_runs["per-layer"] / "sae.safetensors"))
-    key = next(k for k in W if k.endswith("W_dec") and ".2." in k)
+def test_a_concat_latent_has_block_norms_and_its_examples_once_with_the_codes_activation(client, explorer_runs):
+    run = explorer_runs["concat"]
+    lat = table(run, "latents").to_pandas()
+    latent = int(lat.sort_values("n_tokens").latent.iloc[-1])
+    norms = table(run, "block_norms").to_pandas()
+    d = client.get(f"/api/runs/concat/latents/{latent}").json()
+    assert [b["layer"] for b in d["block_norms"]] == LAYERS
+    assert [b["dec_norm"] for b in d["block_norms"]] == pytest.approx(norms[norms.latent == latent].sort_values("layer").dec_norm.tolist())
+    assert sum(b["count"] for b in d["histogram"]) == lat.n_tokens[latent] > 0  # one joint code per token
+    # the joint code's activation at a token is its activity summed over the layers it writes to
+    ex = table(run, "examples").to_pandas()
+    ex = ex[ex.latent == latent].groupby(["window", "position"]).activation.sum().sort_values(ascending=False)
+    assert [e["layer"] for e in d["examples"]] == [None] * min(5, len(ex))
+    assert [e["activation"] for e in d["examples"]] == pytest.approx(ex.iloc[:5].tolist(), rel=1e-5)
+    top = max(e["activation"] for e in d["examples"])
+    assert any(b["bin_lo"] <= top < b["bin_hi"] and b["count"] > 0 for b in d["histogram"])  # the histogram's largest code
+
+
+def test_a_bank_latent_is_its_own_dictionarys(client, explorer_runs):
+    run = explorer_runs["per-layer"]
+    layer = 2  # the second dictionary: its number is not its position
+    lat = table(run, "latents").to_pandas()
+    mine = lat[lat.dictionary_layer == layer]
+    latent = int(mine.sort_values("n_firings").latent.iloc[-1])
+    d = client.get(f"/api/runs/per-layer/latents/{latent}?layer={layer}").json()
+    row = mine[mine.latent == latent].iloc[0]
+    assert d["dictionary_layer"] == layer and d["stats"]["n_firings"] == row.n_firings and d["stats"]["dictionary_layer"] == layer
+    dist = table(run, "layer_distribution").to_pandas()
+    own = dist[(dist.latent == latent) & (dist.dictionary_layer == layer)]
+    assert [(p["layer"], p["n_firings"]) for p in d["profile"]] == list(zip(own.layer, own.n_firings)) == [(layer, row.n_firings)]
+    assert sum(b["count"] for b in d["histogram"]) == row.n_firings
+    ex = table(run, "examples").to_pandas()
+    ex = ex[(ex.latent == latent) & (ex.layer == layer) & (ex["rank"] < 5)]
+    assert [e["activation"] for e in d["examples"]] == pytest.approx(ex.activation.tolist()) and len(ex) > 0
+    W = load_file(str(run / "sae.safetensors"))
+    key = next(k for k in W if k.endswith("W_dec") and f".{LAYERS.index(layer)}." in k)
     Wn = torch.nn.functional.normalize(W[key], dim=1)
-    cos = Wn @ Wn[5]
-    cos[5] = -2
-    assert [n["latent"] for n in bank["nearest"]] == torch.topk(cos, 10).indices.tolist()
-    assert {n["dictionary_layer"] for n in bank["nearest"]} == {2}
+    cos = Wn @ Wn[latent]
+    cos[latent] = -2
+    assert [n["latent"] for n in d["nearest"]] == torch.topk(cos, 10).indices.tolist()
+    assert {n["dictionary_layer"] for n in d["nearest"]} == {layer}
 
 
-def test_a_prompt_is_coded_at_every_token_and_layer_as_the_coder_codes_it(client, explorer_runs):
+def test_tokens_read_as_they_do_inside_a_text():
+    """A SentencePiece-style tokenizer decodes a word alone without its leading space: in context it has one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁the": 1, "▁cat": 2, "▁a": 3, "a": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    assert tokenizer.decode([1]) == "the"  # alone: the space is gone
+    assert TokenText(tokenizer)([1, 2]) == [" the", " cat"]
+
+
+def expected_codes(explorer_runs, name, text):
+    """The prompt recomputed: BOS and the text's tokens, the first position left out, the coder's
+    per-layer profile of the rest; a latent keyed by (dictionary layer or None, index)."""
     from mlsae.runs import open_run
-    from mlsae.text import keep_mask
 
-    text = "the library reads files"
-    d = client.get("/api/runs/mlsae/prompt", params={"text": text}).json()
     model = load_model(str(explorer_runs["model"]), device="cpu")
-    ids = model.tokenizer(text, return_tensors="pt").input_ids
-    keep = keep_mask(ids, {0, 1, 2}, True)[0]
-    assert d["tokens"] == [model.tokenizer.decode([i]) for i in ids[0].tolist()] and d["counted"] == keep.tolist()
-    coder = open_run(explorer_runs["mlsae"]).coder
+    ids = torch.tensor([[1] + model.tokenizer("the library reads files", add_special_tokens=False).input_ids])
+    coder = open_run(explorer_runs[name]).coder
     with torch.no_grad():
-        o = coder(model.capture(ids, [0, 1, 2])[0][keep])
-    assert len(d["cells"]) == int(keep.sum())
+        o = coder(model.capture(ids, LAYERS)[0][1:])
+        activity, latents = coder.layer_profile(o.top_acts, o.top_idx)
+    bank = coder.latent_space == "per_layer"
+    dense = {}  # (token, key) -> [activity per layer]
+    for t in range(activity.shape[0]):
+        for j in range(len(LAYERS)):
+            for a, i in zip(activity[t, j].tolist(), latents[t, j].tolist()):
+                if a > 0:
+                    dense.setdefault((t, (LAYERS[j] if bank else None, i)), [0.0] * len(LAYERS))[j] += a
+    return model, ids, activity, latents, dense
+
+
+@pytest.mark.parametrize("name", ["mlsae", "concat", "per-layer"])
+def test_a_prompt_is_coded_at_every_token_and_layer_as_the_coder_codes_it(client, explorer_runs, name):
+    text = "the library reads files"
+    d = client.get(f"/api/runs/{name}/prompt", params={"text": text}).json()
+    model, ids, activity, latents, dense = expected_codes(explorer_runs, name, text)
+    assert "".join(d["tokens"]) == model.tokenizer.decode(ids[0]) and d["counted"] == [False] + [True] * (ids.shape[1] - 1)
+    assert len(d["cells"]) == activity.shape[0] == ids.shape[1] - 1
     for t, token_cells in enumerate(d["cells"]):
-        for layer, cell in enumerate(token_cells):
-            acts, idx = o.top_acts[t, layer], o.top_idx[t, layer]
-            order = torch.argsort(acts, descending=True)
-            assert [c[0] for c in cell] == idx[order].tolist()
-            assert [c[1] for c in cell] == pytest.approx(acts[order].tolist(), abs=1e-3)
+        for j, cell in enumerate(token_cells):
+            order = torch.argsort(activity[t, j], descending=True)[:5]
+            want = [(i, a) for i, a in zip(latents[t, j][order].tolist(), activity[t, j][order].tolist()) if a > 0]
+            assert [c[0] for c in cell] == [i for i, _ in want]
+            assert [c[1] for c in cell] == pytest.approx([a for _, a in want], abs=1e-3)
         heat = d["heat"][t]
+        assert heat["latents"]
         for row, key in zip(heat["values"], heat["latents"]):
-            dense = torch.zeros(3)
-            for layer in range(3):
-                hit = o.top_idx[t, layer] == key["latent"]
-                dense[layer] = o.top_acts[t, layer][hit].sum()
-            assert row == pytest.approx(dense.tolist(), abs=1e-3)
-    assert d["overall"]["latents"] and len(d["overall"]["values"][0]) == 3
-    for name in ("concat", "per-layer"):
-        assert client.get(f"/api/runs/{name}/prompt", params={"text": text}).status_code == 200
+            assert row == pytest.approx(dense[(t, (key["layer"], key["latent"]))], abs=1e-3)
+    # the whole text: each latent's largest activity at each layer over the tokens
+    for row, key in zip(d["overall"]["values"], d["overall"]["latents"]):
+        k = (key["layer"], key["latent"])
+        assert row == pytest.approx(np.max([v for (t, kk), v in dense.items() if kk == k], axis=0).tolist(), abs=1e-3)
 
 
 def test_bad_requests_get_one_clear_line_and_the_server_goes_on(client):
@@ -178,8 +234,8 @@ def test_bad_requests_get_one_clear_line_and_the_server_goes_on(client):
         ("/api/runs/mlsae/latents/64", 404, "latent 64 does not exist: run mlsae has 64 latents (0 to 63)"),
         ("/api/runs/mlsae/latents/-1", 404, "latent -1 does not exist"),
         ("/api/runs/per-layer/latents/3", 422, "name the latent's layer (?layer="),
-        ("/api/runs/per-layer/latents/3?layer=7", 404, "layer 7: run per-layer has dictionaries at layers [0, 1, 2]"),
-        ("/api/runs/mlsae/latents/3?layer=1", 422, "names a per-layer run's dictionary"),
+        ("/api/runs/per-layer/latents/3?layer=1", 404, "layer 1: run per-layer has dictionaries at layers [0, 2, 3]"),
+        ("/api/runs/mlsae/latents/3?layer=2", 422, "names a per-layer run's dictionary"),
         ("/api/runs/nope/overview", 404, "run 'nope' is not served here; served: mlsae, concat, per-layer, bare"),
         ("/api/runs/bare/latents", 404, "run bare has no analysis tables yet: run `mlsae analyze"),
         ("/api/runs/bare/latents/3", 404, "run bare has no analysis tables yet"),
@@ -193,13 +249,14 @@ def test_bad_requests_get_one_clear_line_and_the_server_goes_on(client):
         assert r.status_code == status and message in r.json()["detail"], (url, r.status_code, r.text)
     assert client.get("/api/runs/mlsae/latents?limit=501").status_code == 422
     assert client.get("/api/runs/mlsae/latents?offset=-1").status_code == 422
+    assert client.get("/api/runs/mlsae/latents?offset=100000000000000000000").status_code == 422
     # a run without analysis still has its overview (with nothing to show but what it has)
     bare = client.get("/api/runs/bare/overview").json()
     assert bare["run"]["analysed"] is False and bare["heatmap"] is None and bare["eval"] is None
     assert client.get("/api/runs/mlsae/latents/3").status_code == 200
 
 
-def test_a_model_that_cannot_be_loaded_is_a_503_for_prompts_only(explorer_runs, tmp_path):
+def test_a_model_that_cannot_be_loaded_is_a_503_for_prompts_and_the_rest_still_answers(explorer_runs, tmp_path):
     import shutil
 
     run = tmp_path / "moved"
@@ -211,11 +268,13 @@ def test_a_model_that_cannot_be_loaded_is_a_503_for_prompts_only(explorer_runs, 
         r = c.get("/api/runs/moved/prompt", params={"text": "the library"})
         assert r.status_code == 503 and "the run's model cannot be loaded here" in r.json()["detail"]
         assert c.get("/api/runs/moved/latents?limit=3").status_code == 200
-        assert c.get("/api/runs/moved/latents/3").status_code == 503  # its examples need the tokenizer
+        page = c.get("/api/runs/moved/latents/3").json()  # the page without the tokenizer: token ids for its examples
+        assert "the run's tokenizer cannot be loaded here" in page["examples_error"]
+        assert page["profile"] and page["nearest"] and all(t.startswith("[") for e in page["examples"] for t in e["tokens"])
 
 
 def test_every_page_has_an_address_and_static_assets_are_served(client):
-    for url in ("/runs/mlsae", "/runs/mlsae/latents/3", "/runs/per-layer/latents/3?layer=1", "/runs/mlsae/prompt?text=abc", "/"):
+    for url in ("/runs/mlsae", "/runs/mlsae/latents/3", "/runs/per-layer/latents/3?layer=2", "/runs/mlsae/prompt?text=abc", "/"):
         r = client.get(url)
         assert r.status_code == 200 and r.text.startswith("<!doctype html>"), url
     for asset in ("charts.js", "common.js", "overview.js", "latent.js", "prompt.js", "index.js", "style.css"):
@@ -233,7 +292,7 @@ def test_the_histogram_counts_firings_in_log_spaced_bins():
     for per_layer in (False, True):
         h = ActivationHistogram(7, 3, per_layer=per_layer)
         h.update(acts, idx)
-        got = h.result([0, 1, 2]).to_pandas()
+        got = h.result(LAYERS).to_pandas()
         for latent in range(7):
             for lpos in range(3) if per_layer else (None,):
                 mask = (idx == latent) & (acts > 0)
@@ -241,7 +300,7 @@ def test_the_histogram_counts_firings_in_log_spaced_bins():
                     mask[:, [l for l in range(3) if l != lpos]] = False
                 values = np.clip(acts[mask].numpy(), edges[0], edges[-1] * 0.999)
                 expected, _ = np.histogram(values, bins=edges)
-                rows = got[(got.latent == latent) & ((got.dictionary_layer == lpos) if per_layer else got.dictionary_layer.isna())]
+                rows = got[(got.latent == latent) & ((got.dictionary_layer == LAYERS[lpos]) if per_layer else got.dictionary_layer.isna())]
                 dense = np.zeros(len(edges) - 1, dtype=int)
                 dense[np.searchsorted(edges, rows.bin_lo.to_numpy())] = rows["count"].to_numpy()
                 assert (dense == expected).all(), (latent, lpos)
@@ -313,7 +372,7 @@ def test_the_table_pages_through_a_hundred_and_twenty_thousand_latents(explorer_
                     "variance_ratio": rng.random(n) + 1, "n_layers_active": rng.integers(1, 4, n)})
     pq.write_table(lat, run / "analysis" / "latents.parquet")
     dist = pa.table({"latent": np.repeat(np.arange(n), 3), "dictionary_layer": pa.nulls(3 * n, pa.int64()),
-                     "layer": np.tile([0, 1, 2], n), "probability": rng.random(3 * n)})
+                     "layer": np.tile(LAYERS, n), "probability": rng.random(3 * n)})
     pq.write_table(dist, run / "analysis" / "layer_distribution.parquet")
     meta = json.loads((run / "config.json").read_text())
     meta["n_latents"] = n
@@ -326,5 +385,12 @@ def test_the_table_pages_through_a_hundred_and_twenty_thousand_latents(explorer_
         assert page["total"] == int((~dead).sum()) == len(seen) == len(set(seen))
         assert seen == np.arange(n)[~dead][np.argsort(mean_layer[~dead], kind="stable")].tolist()
         heat = c.get("/api/runs/wide/overview").json()["heatmap"]
-        assert heat["n_live"] == int((~dead).sum()) and len(heat["rows"]) <= 240
-        assert heat["latents_per_row"] * len(heat["rows"]) >= heat["n_live"]
+        live = np.arange(n)[~dead][np.argsort(mean_layer[~dead], kind="stable")]
+        per = heat["latents_per_row"]
+        assert heat["n_live"] == len(live) and len(heat["rows"]) == -(-len(live) // per) <= 240 < -(-len(live) // (per - 1))
+        p = dist.column("probability").to_numpy().reshape(n, 3)[live]
+        p = p / p.max(1, keepdims=True)
+        for r in (0, 7, len(heat["rows"]) - 1):  # a row: the mean of its latents' rows, each relative to its peak layer
+            assert heat["rows"][r] == pytest.approx(p[r * per : (r + 1) * per].mean(0).tolist(), abs=1e-4)
+            assert heat["mean_layer_lo"][r] == pytest.approx(mean_layer[live[r * per]])
+            assert heat["mean_layer_hi"][r] == pytest.approx(mean_layer[live[min((r + 1) * per, len(live)) - 1]])

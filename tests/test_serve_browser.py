@@ -69,13 +69,16 @@ def test_a_heatmap_column_filters_the_latent_table(page, site):
     page.locator("#heatmap-chart rect.cell").nth(5).click()
     page.wait_for_url(re.compile(r"mean_layer_min="))
     page.wait_for_function("document.querySelector('#page-info').textContent.includes(' of ')")
-    assert page.locator("#mean_layer_min").input_value() != ""
+    lo, hi = float(page.locator("#mean_layer_min").input_value()), float(page.locator("#mean_layer_max").input_value())
+    column = [h.inner_text() for h in page.locator("#latent-table th").all()].index("mean_layer")
+    listed = [float(r.locator("td").nth(column).inner_text()) for r in page.locator("#latent-table tbody tr").all()]
+    assert listed and all(lo - 1e-3 <= v <= hi + 1e-3 for v in listed)  # the column's latents, by their (rounded) mean layer
 
 
 def test_a_latent_page_draws_its_profile_histogram_examples_and_nearest(page, site):
     page.goto(f"{site}/runs/mlsae/latents/3")
     page.wait_for_selector("#examples .example")
-    assert page.locator("#distribution-chart rect.bar").count() == 3
+    assert page.locator("#distribution-chart rect.bar").count() == 3  # the three captured layers
     assert page.locator("#histogram-chart rect.bar").count() > 0
     assert page.locator("#examples .example .hit").count() == page.locator("#examples .example").count()  # every example highlights its token
     assert page.locator("#nearest a.latent-link").count() == 10
@@ -90,6 +93,8 @@ def test_a_concat_latent_shows_block_norms_and_a_bank_latent_its_layer(page, sit
     page.goto(f"{site}/runs/concat/latents/7")
     page.wait_for_selector("#profile-chart rect.bar")
     assert page.locator("#profile-chart rect.bar").count() == 2 * 3  # encoder and decoder at three layers
+    page.wait_for_selector("#example-list .example")
+    assert page.locator("#example-layer").count() == 0  # one joint code per token: one list, not one per layer
     page.goto(f"{site}/runs/per-layer")
     page.wait_for_selector("#latent-table tbody tr a.latent-link")
     link = page.locator("#latent-table tbody tr a.latent-link").first
@@ -106,7 +111,7 @@ def test_a_prompt_is_coded_and_a_latent_clicked_through(page, site):
     page.wait_for_url(re.compile(r"\?text=the\+library"))
     page.wait_for_selector("#token-heatmap rect.cell", timeout=60_000)
     assert page.locator("#prompt-heatmap rect.cell").count() > 0
-    assert page.locator("#tokens span.counted").count() == 23  # every character but the first
+    assert page.locator("#tokens span.counted").count() == 23  # every character; BOS, the first position, is left out
     page.locator("#tokens span.counted").nth(4).click()
     page.wait_for_function("document.querySelector('#token-detail h2').textContent.startsWith('Token 5')")
     link = page.locator("#token-detail table a.latent-link").first

@@ -42,7 +42,7 @@ from .integrity import write_checksums
 from .errors import MlsaeError
 from .runs import RunSpec, check_model, held_out, open_cache_for, open_run, require_data
 from .model import ResidualModel, load_model, resolve_device, special_token_ids
-from .text import keep_mask
+from .text import bos_for, keep_mask
 
 
 EXAMPLE_ROW_GROUP = 16_384
@@ -222,9 +222,13 @@ class PromptCodes:
     latents: torch.Tensor
 
 
-def code_prompt(model: ResidualModel, coder, text: str, ctx: int, exclude_first: bool = True, what: str = "prompt") -> PromptCodes:
-    """Run ``text`` through the model and the coder, positions that do not count left out as in training."""
-    ids = model.tokenizer(text, return_tensors="pt").input_ids
+def code_prompt(model: ResidualModel, coder, text: str, ctx: int, exclude_first: bool = True, prepend_bos: str = "auto",
+                what: str = "prompt") -> PromptCodes:
+    """Run ``text`` through the model and the coder as training saw text: BOS as the run's
+    ``prepend_bos`` says, positions that do not count left out."""
+    ids = model.tokenizer(text, add_special_tokens=False).input_ids
+    bos = bos_for(model.tokenizer, prepend_bos)
+    ids = torch.tensor([([bos] if bos is not None else []) + list(ids)], dtype=torch.long)
     if ids.shape[1] > ctx:
         raise MlsaeError(f"{what} of {ids.shape[1]} tokens is longer than the context ({ctx}): shorten it")
     keep = keep_mask(ids, special_token_ids(model.tokenizer), exclude_first)[0]
@@ -245,7 +249,7 @@ def prompt_heatmaps(model: ResidualModel, run: RunSpec, prompts: Sequence[str], 
     coder = run.coder
     rows: dict[str, list] = {"prompt": [], "latent": [], "layer": [], "activation": []}
     for text in prompts:
-        codes = code_prompt(model, coder, text, ctx, exclude_first)
+        codes = code_prompt(model, coder, text, ctx, exclude_first, run.meta.get("train", {}).get("prepend_bos", "auto"))
         heat = prompt_heatmap(codes.activity, codes.latents, coder.n_latents)
         for r, latent in enumerate(heat.latents):
             for c, layer in enumerate(coder.layers):

@@ -139,7 +139,8 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _bos_for(tokenizer, prepend_bos: str) -> Optional[int]:
+def bos_for(tokenizer, prepend_bos: str) -> Optional[int]:
+    """The BOS id to start each window with, as ``prepend_bos`` (auto, always, never) says; None for none."""
     if prepend_bos not in ("auto", "always", "never"):
         raise MlsaeError(f"prepend_bos {prepend_bos!r}: expected auto, always or never")
     if prepend_bos == "never" or (prepend_bos == "auto" and not tokenizer_adds_bos(tokenizer)):
@@ -183,7 +184,7 @@ def pack_windows(
         raise MlsaeError(f"ctx {ctx}: expected a context length of at least 2")
     if not 0 <= rank < world_size:
         raise MlsaeError(f"rank {rank} is out of range for world size {world_size}")
-    bos = _bos_for(tokenizer, prepend_bos)
+    bos = bos_for(tokenizer, prepend_bos)
     body = ctx - (bos is not None)
     buffer: list[int] = []
     index = 0

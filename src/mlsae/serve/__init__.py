@@ -9,11 +9,16 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from ..errors import MlsaeError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_names(host: str) -> Optional[list[str]]:
+    """The Host headers a loopback server answers (None for another address: it answers any)."""
+    return ["127.0.0.1", "localhost", "[::1]"] if host in LOOPBACK else None
 
 
 def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
@@ -27,7 +32,7 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
         raise MlsaeError("mlsae serve: expected at least one run folder")
     for folder in runs:
         print(f"opening {folder}", flush=True)
-    app = create_app(runs, device=device)
+    app = create_app(runs, device=device, allowed_hosts=loopback_names(host))
     if host not in LOOPBACK:
         print(f"warning: serving on {host}, not loopback: anyone who reaches this address can read the runs (there is no login)")
     shown = f"[{host}]" if ":" in host else host
@@ -43,7 +48,7 @@ def in_background(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int
 
     from .app import create_app
 
-    app = create_app(runs, device=device)
+    app = create_app(runs, device=device, allowed_hosts=loopback_names(host))
     if port == 0:
         with socket.socket() as s:
             s.bind((host, 0))

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .explorer import RANGE_FILTERS, SORTABLE, ModelShelf, ServedRun, Unanswerable
 
@@ -38,11 +39,15 @@ def run_names(folders: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def create_app(folders: Sequence[str | Path], device: str = "cpu") -> FastAPI:
-    """The explorer over ``folders`` (each a finished run; refused here, before serving, if not)."""
+def create_app(folders: Sequence[str | Path], device: str = "cpu", allowed_hosts: Optional[Sequence[str]] = None) -> FastAPI:
+    """The explorer over ``folders`` (each a finished run; refused here, before serving, if not).
+    ``allowed_hosts``: the Host headers answered (a loopback server names its own, so that a web
+    page cannot reach it through a hostname that resolves to 127.0.0.1); None answers any."""
     shelf = ModelShelf(device)
     runs = {name: ServedRun(name, folder, shelf) for name, folder in zip(run_names(folders), folders)}
     app = FastAPI(title="mlsae explorer", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.state.runs = runs
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -65,6 +70,10 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu") -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index():
         return RedirectResponse(f"/runs/{next(iter(runs))}") if len(runs) == 1 else page("index.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
 
     @app.get("/runs/{name}", include_in_schema=False)
     def overview_page(name: str):
@@ -97,7 +106,7 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu") -> FastAPI:
         name: str,
         sort: str = Query("latent", description=f"one of {', '.join(SORTABLE)}"),
         descending: bool = False,
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=2**62),
         limit: int = Query(50, ge=1, le=500),
         live_only: bool = False,
         trigger_layer: Optional[int] = None,

@@ -63,25 +63,34 @@ def _clean(v):
 
 
 class TokenText:
-    """Token id -> text, decoded once per id (an example's context is shown token by token)."""
+    """Token id -> its text as it reads inside a text, decoded once per id.
+
+    A token alone can decode without the space it carries (SentencePiece drops a leading one),
+    so each is decoded after a fixed anchor token and the anchor's own text taken off."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._memo: dict[int, str] = {}
+        anchor = tokenizer("a", add_special_tokens=False).input_ids
+        self._anchor = anchor[:1]
+        self._anchor_text = tokenizer.decode(self._anchor) if anchor else ""
+
+    def one(self, i: int) -> str:
+        text = self._memo.get(i)
+        if text is None:
+            both = self.tokenizer.decode(self._anchor + [i]) if self._anchor else ""
+            text = both[len(self._anchor_text):] if self._anchor and both.startswith(self._anchor_text) else self.tokenizer.decode([i])
+            self._memo[i] = text
+        return text
 
     def __call__(self, ids) -> list[str]:
-        out = []
-        for i in ids:
-            text = self._memo.get(i)
-            if text is None:
-                text = self._memo[i] = self.tokenizer.decode([i])
-            out.append(text)
-        return out
+        return [self.one(int(i)) for i in ids]
 
 
 class ModelShelf:
     """Language models and tokenizers by spec, loaded once on first use and shared by the runs
-    that read them. A model is used by one request at a time (capturing hooks its blocks)."""
+    that read them. A model is used by one request at a time (capturing hooks its blocks); a
+    tokenizer that cannot be loaded is not tried again."""
 
     def __init__(self, device: str = "cpu"):
         from ..model import resolve_device
@@ -90,16 +99,18 @@ class ModelShelf:
         self._lock = threading.Lock()
         self._models: dict[str, Any] = {}
         self._in_use: dict[str, threading.Lock] = {}
-        self._tokens: dict[str, TokenText] = {}
+        self._tokens: dict[str, TokenText | Unanswerable] = {}
+
+    def _spec_lock(self, spec: str) -> threading.Lock:
+        with self._lock:
+            return self._in_use.setdefault(spec, threading.Lock())
 
     @contextlib.contextmanager
     def using(self, spec: str) -> Iterator[Any]:
         """The model ``spec`` names, loaded if need be, held for this request alone."""
         from ..model import load_model
 
-        with self._lock:
-            in_use = self._in_use.setdefault(spec, threading.Lock())
-        with in_use:
+        with self._spec_lock(spec):
             if spec not in self._models:
                 try:
                     self._models[spec] = load_model(spec, device=self.device)
@@ -108,16 +119,23 @@ class ModelShelf:
             yield self._models[spec]
 
     def tokens(self, spec: str) -> TokenText:
+        """The tokenizer's text of each token id (raises :class:`Unanswerable` 503 if it cannot be loaded)."""
         from ..model import load_tokenizer
 
-        with self._lock:
-            if spec not in self._tokens:
-                model = self._models.get(spec)
-                try:
-                    self._tokens[spec] = TokenText(model.tokenizer if model is not None else load_tokenizer(spec))
-                except MlsaeError as e:
-                    raise Unanswerable(503, f"the run's tokenizer cannot be loaded here: {e}") from None
-            return self._tokens[spec]
+        found = self._tokens.get(spec)
+        if found is None:
+            with self._spec_lock(spec):
+                found = self._tokens.get(spec)
+                if found is None:
+                    model = self._models.get(spec)
+                    try:
+                        found = TokenText(model.tokenizer if model is not None else load_tokenizer(spec))
+                    except MlsaeError as e:
+                        found = Unanswerable(503, f"the run's tokenizer cannot be loaded here: {e}")
+                    self._tokens[spec] = found
+        if isinstance(found, Unanswerable):
+            raise found
+        return found
 
 
 class ServedRun:
@@ -142,9 +160,12 @@ class ServedRun:
         self._lock = threading.Lock()
         self._run: Optional[RunSpec] = None  # the coder, loaded on first need
         self._model_checked = False
-        self._decoders: Optional[list[torch.Tensor]] = None
+        self._decoders: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._heatmap: Optional[dict] = None
-        self.analysed = (self.tables / "latents.parquet").is_file() and (self.tables / "summary.json").is_file()
+        missing = [f for f in (*(f"{t}.parquet" for t in self.REQUIRED), "summary.json") if not (self.tables / f).is_file()]
+        self.analysed = not missing
+        self._why_not = (f"run {self.name} has no analysis tables yet" if len(missing) == len(self.REQUIRED) + 1
+                         else f"run {self.name}'s analysis is incomplete (no {', '.join(missing)})")
         if self.analysed:
             self.summary = json.loads((self.tables / "summary.json").read_text())
             self._load_tables()
@@ -156,21 +177,23 @@ class ServedRun:
         path = self.tables / f"{name}.parquet"
         return path if path.is_file() else None
 
+    REQUIRED = ("latents", "layer_distribution")
+
     def _load_tables(self) -> None:
         """Copy the per-latent tables into the in-memory database (small: a row or a few per latent and layer)."""
         db = self._db
         seen = max(int(self.summary.get("n_tokens") or 0), 1)
         joint = self._table("joint_latents")
         trigger = "j.trigger_layer" if joint else "CAST(NULL AS BIGINT)"
-        join = f"LEFT JOIN read_parquet('{joint}') j USING (latent)" if joint else ""
+        join = "LEFT JOIN read_parquet(?) j USING (latent)" if joint else ""
         db.execute(
-            f"CREATE TABLE latents AS SELECT l.*, l.n_tokens / {seen}::DOUBLE AS activation_rate, {trigger} AS trigger_layer "
-            f"FROM read_parquet('{self._table('latents')}') l {join}"
+            f"CREATE TABLE latents AS SELECT l.*, l.n_tokens / ?::DOUBLE AS activation_rate, {trigger} AS trigger_layer "
+            f"FROM read_parquet(?) l {join}", [seen, str(self._table("latents")), *([str(joint)] if joint else [])],
         )
-        db.execute(f"CREATE TABLE distribution AS SELECT * FROM read_parquet('{self._table('layer_distribution')}')")
+        db.execute("CREATE TABLE distribution AS SELECT * FROM read_parquet(?)", [str(self._table("layer_distribution"))])
         for name in ("block_norms", "histograms"):
             if self._table(name):
-                db.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet('{self._table(name)}')")
+                db.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet(?)", [str(self._table(name))])
 
     def _query(self, sql: str, params: list = ()) -> list[dict]:
         cursor = self._db.cursor()  # a cursor per call: the web layer asks from several threads
@@ -181,7 +204,7 @@ class ServedRun:
 
     def _need_analysis(self) -> None:
         if not self.analysed:
-            raise Unanswerable(404, f"run {self.name} has no analysis tables yet: run `mlsae analyze {self.folder} --data TEXT` to write them")
+            raise Unanswerable(404, f"{self._why_not}: run `mlsae analyze {self.folder} --data TEXT` to write them")
 
     def has(self, table: str) -> bool:
         cursor = self._db.cursor()
@@ -291,7 +314,9 @@ class ServedRun:
                 params.append(int(value))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self._query(f"SELECT count(*) AS n FROM latents {clause}", params)[0]["n"]
-        order = f"{SORTABLE[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, dictionary_layer, latent"
+        way = "DESC" if descending else "ASC"
+        keys = ["dictionary_layer", "latent"] if sort == "latent" else [SORTABLE[sort]]  # a bank listed dictionary by dictionary
+        order = ", ".join(f"{k} {way} NULLS LAST" for k in keys) + ", dictionary_layer, latent"
         rows = self._query(
             "SELECT latent, dictionary_layer, dead, n_tokens, activation_rate, mean_layer, aggregated_variance AS layer_variance, "
             "per_token_variance, variance_ratio, n_layers_active, trigger_layer "
@@ -326,10 +351,11 @@ class ServedRun:
         blocks = (self._query("SELECT layer, enc_norm, dec_norm FROM block_norms WHERE latent = ? ORDER BY layer", [latent])
                   if self.has("block_norms") else None)
         histogram = self._histogram(same, key) if self.has("histograms") else None
+        examples, examples_error = self.examples(latent, d, examples_per_layer)
         return {
             "run": self.name, "arch": self.arch, "latent_space": self.latent_space, "latent": latent, "dictionary_layer": d,
             "layers": self.layers, "stats": stats[0] if stats else None, "profile": profile, "block_norms": blocks,
-            "histogram": histogram, "examples": self.examples(latent, d, examples_per_layer), "nearest": self.nearest(latent, d),
+            "histogram": histogram, "examples": examples, "examples_error": examples_error, "nearest": self.nearest(latent, d),
         }
 
     def _histogram(self, same: str, key: list) -> list[dict]:
@@ -342,37 +368,56 @@ class ServedRun:
         counts = {int(np.argmin(np.abs(edges - r["bin_lo"]))): r["count"] for r in rows}
         return [{"bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]), "count": counts.get(b, 0)} for b in range(first, last + 1)]
 
-    def examples(self, latent: int, layer: Optional[int], per_layer: int) -> list[dict]:
-        """Top examples at each layer (a per-layer latent: its own layer), each token of the context decoded."""
+    def examples(self, latent: int, layer: Optional[int], per_layer: int) -> tuple[list[dict], Optional[str]]:
+        """Top examples at each layer (a per-layer latent: its own layer), each token of the context
+        decoded; and why the tokens could not be decoded (None when they were).
+
+        A joint latent's activity at a layer is its one activation times its decoder's share there,
+        so every layer ranks the same tokens: they are listed once (``layer`` null), with the
+        activation summed over layers, which is the code's own."""
         path = self._table("examples")
         if path is None:
-            return []
-        sql = "SELECT layer, rank, activation, context_ids, context_index FROM read_parquet(?) WHERE latent = ? AND rank < ?"
-        params: list = [str(path), latent, per_layer]
-        if layer is not None:
-            sql += " AND layer = ?"
-            params.append(layer)
-        rows = self._query(sql + " ORDER BY layer, rank", params)
-        tokens = self.shelf.tokens(self.meta["model"])
+            return [], None
+        if self.latent_space == "joint":
+            sql = ('SELECT NULL AS layer, "window", position, sum(activation) AS activation, any_value(context_ids) AS context_ids, '
+                   'any_value(context_index) AS context_index FROM read_parquet(?) WHERE latent = ? '
+                   'GROUP BY "window", position ORDER BY activation DESC, "window", position LIMIT ?')
+            rows = self._query(sql, [str(path), latent, per_layer])
+            for rank, row in enumerate(rows):
+                row["rank"] = rank
+        else:
+            sql = ('SELECT layer, rank, activation, "window", position, context_ids, context_index FROM read_parquet(?) '
+                   "WHERE latent = ? AND rank < ?" + (" AND layer = ?" if layer is not None else "") + " ORDER BY layer, rank")
+            rows = self._query(sql, [str(path), latent, per_layer, *([layer] if layer is not None else [])])
+        if not rows:
+            return rows, None
+        try:
+            tokens = self.shelf.tokens(self.meta["model"])
+        except Unanswerable as e:  # the rest of the page needs no tokenizer: token ids instead of text
+            for row in rows:
+                row["tokens"] = [f"[{i}]" for i in row.pop("context_ids")]
+            return rows, e.message
         for row in rows:
             row["tokens"] = tokens(row.pop("context_ids"))
-        return rows
+        return rows, None
 
-    def decoders(self) -> list[torch.Tensor]:
-        """Each dictionary's decoder rows at unit norm (one for a shared or joint dictionary)."""
+    def decoders(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each dictionary's decoder rows and their inverse norms (one dictionary unless per-layer):
+        cosines without a normalised copy of every decoder."""
         coder = self.coder()
         with self._lock:
             if self._decoders is None:
-                self._decoders = [torch.nn.functional.normalize(d.W_dec.detach().float().cpu(), dim=1) for d in coder.dictionaries()]
+                self._decoders = [(d.W_dec.detach(), d.W_dec.detach().norm(dim=1).clamp_min(1e-12).reciprocal()) for d in coder.dictionaries()]
             return self._decoders
 
     def nearest(self, latent: int, layer: Optional[int], n: int = NEAREST) -> list[dict]:
         """The latents whose decoder rows have the largest cosine with this one's (same dictionary)."""
-        W = self.decoders()[self.layers.index(layer) if layer is not None else 0]
-        cos = W @ W[latent]
-        cos[latent] = -float("inf")
-        top = torch.topk(cos, min(n, len(cos) - 1))
-        return [{"latent": int(i), "dictionary_layer": layer, "cosine": round(float(c), 4)} for c, i in zip(top.values, top.indices)]
+        W, inverse = self.decoders()[self.layers.index(layer) if layer is not None else 0]
+        with torch.no_grad():
+            cos = (W @ W[latent]).float() * inverse * inverse[latent]
+            cos[latent] = -float("inf")
+            top = torch.topk(cos, min(n, len(cos) - 1))
+        return [{"latent": int(i), "dictionary_layer": layer, "cosine": round(float(c), 4)} for c, i in zip(top.values.tolist(), top.indices.tolist())]
 
     # ----------------------------------------------------------------------------------------
     # The live model: prompts
@@ -383,48 +428,53 @@ class ServedRun:
                 self._run = open_run(self.folder, self.shelf.device)
             return self._run.coder
 
-    def prompt(self, text: str, top_per_cell: int = 5, heat_rows: int = 16) -> dict:
-        """Codes of ``text`` at every (token, layer): the top latents there and, per token, a latents x layers heatmap."""
-        from ..analysis import prompt_heatmap
+    def prompt(self, text: str, top_per_cell: int = 5, heat_rows: int = 16, overall_rows: int = 20) -> dict:
+        """Codes of ``text`` at every (token, layer): the top latents there; per token, a latents x
+        layers heatmap of its most active latents; for the whole text, each latent's largest
+        activation at each layer."""
         from ..analyze import code_prompt
 
         if not text.strip():
             raise Unanswerable(422, "text: expected some text to code, got an empty string")
         coder = self.coder()
-        exclude_first = bool(self.meta.get("train", {}).get("exclude_first_position", True))
+        train = self.meta.get("train", {})
         with self.shelf.using(self.meta["model"]) as model:
             try:
                 if not self._model_checked:
                     check_model(self._run, model)
                     self._model_checked = True
-                codes = code_prompt(model, coder, text, self.ctx, exclude_first, what="text")
+                codes = code_prompt(model, coder, text, self.ctx, bool(train.get("exclude_first_position", True)),
+                                    train.get("prepend_bos", "auto"), what="text")
             except MlsaeError as e:
                 raise Unanswerable(422, str(e)) from None
-        L = len(self.layers)
-        per_layer = self.latent_space == "per_layer"
-        token_text = self.shelf.tokens(self.meta["model"])
-        counted = codes.counted.tolist()
-        rows = torch.arange(L)[:, None].expand(L, codes.latents.shape[-1])
+        activity = codes.activity.double()
+        keys = codes.latents.long()  # a latent's key: its index, plus its dictionary's position x n_latents in a per-layer bank
+        if self.latent_space == "per_layer":
+            keys = keys + torch.arange(len(self.layers))[None, :, None] * self.n_latents
         cells, heat = [], []
-        for act, idx in zip(codes.activity, codes.latents):  # one counted token: [L, k] each
+        for act, idx, key in zip(activity, codes.latents, keys):  # one counted token: [layers, k] each
             order = torch.argsort(act, dim=1, descending=True)[:, :top_per_cell]
-            a, i = act.gather(1, order), idx.gather(1, order)
-            cells.append([[[int(x), round(float(v), 4)] for x, v in zip(ii, aa) if v > 0] for ii, aa in zip(i.tolist(), a.tolist())])
-            key = idx.long() + (rows * self.n_latents if per_layer else 0)
-            fired = act > 0
-            keys, inverse = torch.unique(key[fired], return_inverse=True)
-            grid = torch.zeros(len(keys), L).index_put_((inverse, rows[fired]), act[fired].float(), accumulate=True)
-            best = torch.argsort(grid.sum(1), descending=True)[:heat_rows]
-            heat.append({"latents": [self._latent_key(int(keys[b])) for b in best],
-                         "values": grid[best].round(decimals=4).tolist()})
-        overall = None
-        if not per_layer:
-            h = prompt_heatmap(codes.activity, codes.latents, self.n_latents, n_top=20)
-            overall = {"latents": [{"latent": i, "layer": None} for i in h.latents], "values": h.values.round(decimals=4).tolist()}
+            top = zip(idx.gather(1, order).tolist(), act.gather(1, order).tolist())
+            cells.append([[[i, round(v, 4)] for i, v in zip(ii, vv) if v > 0] for ii, vv in top])
+            heat.append(self._key_grid(act[None], key[None], heat_rows))
         return {
             "run": self.name, "text": text, "layers": self.layers, "latent_space": self.latent_space,
-            "tokens": token_text(codes.ids.tolist()), "counted": counted, "cells": cells, "heat": heat, "overall": overall,
+            "tokens": self.shelf.tokens(self.meta["model"])(codes.ids.tolist()), "counted": codes.counted.tolist(),
+            "cells": cells, "heat": heat, "overall": self._key_grid(activity, keys, overall_rows),
         }
+
+    def _key_grid(self, activity: torch.Tensor, keys: torch.Tensor, n: int) -> dict:
+        """Latents x layers of codes ``[tokens, layers, k]``: each cell the largest activity over the
+        tokens; rows the ``n`` latents with the largest total, most active first."""
+        L = len(self.layers)
+        fired = activity > 0
+        layer = torch.arange(L)[None, :, None].expand_as(keys)[fired]
+        found, row = torch.unique(keys[fired], return_inverse=True)
+        values = activity[fired]
+        total = torch.zeros(len(found), dtype=torch.float64).index_add_(0, row, values)
+        grid = torch.zeros(len(found) * L, dtype=torch.float64).scatter_reduce_(0, row * L + layer, values, "amax").view(-1, L)
+        best = torch.argsort(total, descending=True, stable=True)[:n]
+        return {"latents": [self._latent_key(int(found[b])) for b in best], "values": grid[best].round(decimals=4).tolist()}
 
     def _latent_key(self, key: int) -> dict:
         if self.latent_space == "per_layer":

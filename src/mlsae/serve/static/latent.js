@@ -62,8 +62,14 @@ function example(row) {
 
 function examples(d) {
   const box = section("Top examples", "examples");
+  if (d.examples_error) box.append(el("p", { class: "note", text: `Token ids instead of text: ${d.examples_error}` }));
   if (!d.examples.length) {
     box.append(el("p", { class: "note", text: "No examples in the analysed tokens." }));
+    return;
+  }
+  if (d.latent_space === "joint") {  // one code per token: the same tokens rank first at every layer
+    box.append(el("p", { class: "note", text: "Its largest activations (one joint code per token, written to every layer by its decoder blocks)." }),
+      el("div", { id: "example-list" }, ...d.examples.map(example)));
     return;
   }
   const layers = [...new Set(d.examples.map((r) => r.layer))];
