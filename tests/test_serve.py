@@ -53,6 +53,7 @@ def test_the_overview_holds_the_eval_table_the_drift_and_the_layer_heatmap(clien
     assert data["drift"] == table(run, "drift").to_pylist()
     # the other served run with the same layers and an evaluation, side by side
     assert [c["run"] for c in data["compare"]] == ["concat"]
+    assert data["not_compared"] == [{"run": "per-layer", "why": "it has no evaluation yet"}, {"run": "bare", "why": "it has no evaluation yet"}]
     assert data["compare"][0]["eval"] == pq.read_table(explorer_runs["concat"] / "eval.parquet").to_pylist()
     # the heatmap, recomputed: live latents by mean layer, each row p_i(l) / max_l p_i(l) (one latent per row here)
     lat = table(run, "latents").to_pandas()

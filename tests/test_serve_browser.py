@@ -114,6 +114,10 @@ def test_a_prompt_is_coded_and_a_latent_clicked_through(page, site):
     assert page.locator("#tokens span.counted").count() == 23  # every character; BOS, the first position, is left out
     page.locator("#tokens span.counted").nth(4).click()
     page.wait_for_function("document.querySelector('#token-detail h2').textContent.startsWith('Token 5')")
+    assert "token=5" in page.url
+    shared = page.url  # the address of this view opens it again on the same token
+    page.goto(shared)
+    page.wait_for_function("document.querySelector('#token-detail h2')?.textContent.startsWith('Token 5')", timeout=60_000)
     link = page.locator("#token-detail table a.latent-link").first
     href = link.get_attribute("href")
     link.click()

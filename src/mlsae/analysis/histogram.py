@@ -41,7 +41,7 @@ class ActivationHistogram:
         self.n_groups = self.n_latents * (self.n_rows if self.per_layer else 1)
         self.edges = torch.from_numpy(bin_edges())
         self.n_bins = len(self.edges) - 1
-        self.counts = torch.zeros(self.n_groups * self.n_bins, dtype=torch.int64)
+        self.counts = torch.zeros(self.n_groups * self.n_bins, dtype=torch.int32)  # 2^31 firings per bin is plenty
 
     def update(self, top_acts: Tensor, top_idx: Tensor) -> None:
         check_codes(top_acts, top_idx, self.n_latents, self.n_rows)
@@ -51,7 +51,7 @@ class ActivationHistogram:
         fired = acts > 0
         value, group = acts[fired].double(), idx[fired]
         b = (torch.bucketize(value, self.edges, right=True) - 1).clamp_(0, self.n_bins - 1)
-        self.counts.index_add_(0, group * self.n_bins + b, torch.ones_like(b))
+        self.counts.index_add_(0, group * self.n_bins + b, torch.ones_like(b, dtype=torch.int32))
 
     def result(self, layers: list[int] | None = None) -> pa.Table:
         """Long format, non-empty bins only: latent, dictionary_layer (per-layer banks; else null),

@@ -97,8 +97,16 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu", allowed_hosts
     def overview(name: str) -> dict:
         run = get(name)
         out = run.overview()
-        out["compare"] = [{"run": other.name, "eval": other.evaluation()} for other in runs.values()
-                          if other is not run and other.layers == run.layers and other.evaluation() is not None]
+        out["compare"], out["not_compared"] = [], []
+        for other in runs.values():
+            if other is run:
+                continue
+            if other.layers != run.layers:
+                out["not_compared"].append({"run": other.name, "why": f"it reads layers {other.layers}"})
+            elif other.evaluation() is None:
+                out["not_compared"].append({"run": other.name, "why": "it has no evaluation yet"})
+            else:
+                out["compare"].append({"run": other.name, "eval": other.evaluation()})
         return out
 
     @app.get("/api/runs/{name}/latents")

@@ -16,6 +16,7 @@ function section(title, id, parent = main) {
 function profile(d) {
   const box = section(d.latent_space === "joint" ? "Where it reads and writes: encoder and decoder block norms" : "Layer profile", "profile");
   const chart = el("div", { id: "profile-chart" });
+  if (d.stats && d.stats.dead) box.append(el("p", { class: "note", text: "The latent never fired in the analysed tokens (dead there)." }));
   if (d.block_norms) {
     box.append(el("p", { class: "note", text: "Norm of the latent's encoder and decoder block at each layer (the decoder's say where it writes)." }), chart);
     bars(chart, d.block_norms.map((r) => r.layer), [
@@ -27,8 +28,6 @@ function profile(d) {
     const dist = el("div", { id: "distribution-chart" });
     box.append(el("p", { class: "note", text: "p(l): the share of the latent's activation at each layer, over the analysed tokens." }), dist);
     bars(dist, d.layers, [{ name: "p(l)", values: d.layers.map((l) => byLayer[l] || 0) }], { xLabel: "layer", yLabel: "p(l)" });
-  } else if (!d.block_norms) {
-    box.append(el("p", { class: "note", text: "The latent never fired in the analysed tokens (dead there)." }));
   }
 }
 

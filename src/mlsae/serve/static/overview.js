@@ -37,6 +37,9 @@ function evaluation(data) {
     t.id = "compare";
     box.append(t);
   }
+  if (data.not_compared.length) {
+    box.append(el("p", { class: "note", text: `Not side by side: ${data.not_compared.map((r) => `${r.run} (${r.why})`).join("; ")}.` }));
+  }
 }
 
 function drift(data) {

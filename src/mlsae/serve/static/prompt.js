@@ -42,6 +42,9 @@ function render(d) {
     if (row < 0) return;
     spans.forEach((s) => s.classList.remove("selected"));
     spans[position].classList.add("selected");
+    const here = new URLSearchParams(location.search);
+    here.set("token", position);  // the view's address names the token too
+    history.replaceState(null, "", `${location.pathname}?${here}`);
     detail.replaceChildren(el("h2", { text: `Token ${position}: ${JSON.stringify(d.tokens[position])}` }));
     const h = d.heat[row];
     if (!h.latents.length) {
@@ -70,8 +73,10 @@ function render(d) {
     out.append(el("h2", { text: "The whole text: the most active latents at each layer (maximum over tokens)" }));
     latentHeatmap(out, d.overall, d.layers, "prompt-heatmap");
   }
-  // start on the token with the most activity
-  if (counted.length) select(counted[totals.indexOf(Math.max(...totals))]);
+  // start on the token the address names, else on the one with the most activity
+  const asked = Number(query.get("token"));
+  if (query.has("token") && counted.includes(asked)) select(asked);
+  else if (counted.length) select(counted[totals.indexOf(Math.max(...totals))]);
 }
 
 try {
