@@ -160,7 +160,7 @@ def test_analyze_under_two_processes_writes_the_tables_of_one(tmp_path, cache_di
     for key in ("variance_ratio", "variance_ratio_paper", "multi_layer_fraction_aggregated", "multi_layer_fraction_per_token"):
         assert two["layers"][key] == pytest.approx(one["layers"][key], rel=1e-6), key
     assert two["drift"]["mean_cosine"] == pytest.approx(one["drift"]["mean_cosine"], rel=1e-6)
-    for name in ("latents", "layer_distribution", "examples"):
+    for name in ("latents", "layer_distribution", "examples", "histograms"):
         a, b = pq.read_table(tmp_path / "one" / f"{name}.parquet"), pq.read_table(tmp_path / "two" / f"{name}.parquet")
         assert a.column_names == b.column_names and a.num_rows == b.num_rows > 0, name
         for col in a.column_names:
