@@ -324,6 +324,13 @@ def test_mlsae_serve_starts_from_the_command_line_and_refuses_a_bad_run(explorer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "mlsae.cli", "serve", str(explorer_runs["mlsae"]), "--port", str(taken)],
+                              capture_output=True, text=True)
+        assert busy.returncode == 2 and f"--port {taken}: cannot listen there" in busy.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "mlsae.cli", "serve", str(explorer_runs["mlsae"]), str(explorer_runs["concat"]),
                                "--port", str(free)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

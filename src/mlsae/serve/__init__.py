@@ -30,6 +30,7 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
 
     if not runs:
         raise MlsaeError("mlsae serve: expected at least one run folder")
+    check_port(host, port)
     for folder in runs:
         print(f"opening {folder}", flush=True)
     app = create_app(runs, device=device, allowed_hosts=loopback_names(host))
@@ -38,6 +39,16 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {len(app.state.runs)} run(s) at http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def check_port(host: str, port: int) -> None:
+    """The address can be listened on (checked before any run is opened)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MlsaeError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); pass another --port") from None
 
 
 @contextlib.contextmanager
