@@ -23,6 +23,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -121,7 +123,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200, help="latent pages loaded per run")
     ap.add_argument("--prompt-requests", type=int, default=20, help="prompt pages loaded per run")
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=4, help="client threads loading latent pages")
+    ap.add_argument("--prompt-concurrency", type=int, default=1,
+                    help="client threads loading prompt pages (a run's model codes one prompt at a time: more only queue)")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared" / "assets" / "corpus" / "test"))
     ap.add_argument("--screenshots", default=None)
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
@@ -145,16 +149,18 @@ def main() -> None:
             latent = percentiles(load(latent_pages(base, name, args.requests), args.concurrency))
             prompt_page = [f"{base}/runs/{name}/prompt?{urllib.parse.urlencode({'text': text})}",
                            f"{base}/api/runs/{name}/prompt?{urllib.parse.urlencode({'text': text})}"]
-            prompt = percentiles(load([prompt_page] * args.prompt_requests, args.concurrency))
+            prompt = percentiles(load([prompt_page] * args.prompt_requests, args.prompt_concurrency))
             rows.append({"run": name, "arch": run["arch"], "n_latents": run["n_latents"], "layers": len(run["layers"]),
                          "first_latent_s": first_latent, "first_prompt_s": first_prompt, "latent_page": latent,
                          "prompt_page": prompt, "prompt_tokens": len(tokenizer(text).input_ids)})
         shots = screenshots(base, runs, Path(args.screenshots), text) if args.screenshots else []
-    print(f"{'run':<24} {'latents':>8} {'latent p50':>11} {'p95':>8} {'prompt p50':>11} {'p95':>8}  (ms; {args.concurrency} clients)")
+    print(f"{'run':<24} {'latents':>8} {'latent p50':>11} {'p95':>8} {'prompt p50':>11} {'p95':>8}  "
+          f"(ms; latent pages from {args.concurrency} clients, prompts from {args.prompt_concurrency})")
     for r in rows:
         print(f"{r['run']:<24} {r['n_latents']:>8,} {r['latent_page']['p50_ms']:>11.1f} {r['latent_page']['p95_ms']:>8.1f} "
               f"{r['prompt_page']['p50_ms']:>11.1f} {r['prompt_page']['p95_ms']:>8.1f}")
-    meta_out = {"concurrency": args.concurrency, "requests": args.requests, "prompt_requests": args.prompt_requests,
+    meta_out = {"concurrency": args.concurrency, "prompt_concurrency": args.prompt_concurrency, "requests": args.requests,
+                "prompt_requests": args.prompt_requests, "threads": torch.get_num_threads(),
                 "note": "loopback, server and clients in one process on the same cores; the first request of each kind (loading the "
                         "tokenizer, the coder, the model) is timed apart"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
