@@ -141,6 +141,9 @@ class ModelShelf:
 class ServedRun:
     """One run folder, opened read-only for the explorer."""
 
+    REQUIRED = ("latents", "layer_distribution")
+    """The analysis tables a latent page cannot do without."""
+
     def __init__(self, name: str, folder: str | Path, shelf: ModelShelf):
         self.name = name
         self.folder = Path(folder)
@@ -162,6 +165,7 @@ class ServedRun:
         self._model_checked = False
         self._decoders: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._heatmap: Optional[dict] = None
+        self._optional: set[str] = set()
         missing = [f for f in (*(f"{t}.parquet" for t in self.REQUIRED), "summary.json") if not (self.tables / f).is_file()]
         self.analysed = not missing
         self._why_not = (f"run {self.name} has no analysis tables yet" if len(missing) == len(self.REQUIRED) + 1
@@ -176,8 +180,6 @@ class ServedRun:
     def _table(self, name: str) -> Optional[Path]:
         path = self.tables / f"{name}.parquet"
         return path if path.is_file() else None
-
-    REQUIRED = ("latents", "layer_distribution")
 
     def _load_tables(self) -> None:
         """Copy the per-latent tables into the in-memory database (small: a row or a few per latent and layer)."""
@@ -194,6 +196,7 @@ class ServedRun:
         for name in ("block_norms", "histograms"):
             if self._table(name):
                 db.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet(?)", [str(self._table(name))])
+                self._optional.add(name)
 
     def _query(self, sql: str, params: list = ()) -> list[dict]:
         cursor = self._db.cursor()  # a cursor per call: the web layer asks from several threads
@@ -207,11 +210,8 @@ class ServedRun:
             raise Unanswerable(404, f"{self._why_not}: run `mlsae analyze {self.folder} --data TEXT` to write them")
 
     def has(self, table: str) -> bool:
-        cursor = self._db.cursor()
-        try:
-            return bool(cursor.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()[0])
-        finally:
-            cursor.close()
+        """Whether the run's analysis wrote this optional table (block norms: concat; histograms: recent analyses)."""
+        return table in self._optional
 
     # ----------------------------------------------------------------------------------------
     # The overview
