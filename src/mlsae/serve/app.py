@@ -103,10 +103,10 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu", allowed_hosts
                 continue
             if other.layers != run.layers:
                 out["not_compared"].append({"run": other.name, "why": f"it reads layers {other.layers}"})
-            elif other.evaluation() is None:
+            elif (table := other.evaluation()) is None:
                 out["not_compared"].append({"run": other.name, "why": "it has no evaluation yet"})
             else:
-                out["compare"].append({"run": other.name, "eval": other.evaluation()})
+                out["compare"].append({"run": other.name, "eval": table})
         return out
 
     @app.get("/api/runs/{name}/latents")
@@ -128,12 +128,13 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu", allowed_hosts
         ranges = {f: (bounds[f"{f}_min"], bounds[f"{f}_max"]) for f in RANGE_FILTERS}
         return get(name).latent_table(sort, descending, offset, limit, live_only, ranges, trigger_layer, dictionary_layer)
 
+    # The two large answers go out as they are (plain dicts of plain values: nothing to validate).
     @app.get("/api/runs/{name}/latents/{latent}")
-    def latent(name: str, latent: int, layer: Optional[int] = None, examples: int = Query(5, ge=1, le=50)) -> dict:
-        return get(name).latent(latent, layer, examples)
+    def latent(name: str, latent: int, layer: Optional[int] = None, examples: int = Query(5, ge=1, le=50)) -> JSONResponse:
+        return JSONResponse(get(name).latent(latent, layer, examples))
 
     @app.get("/api/runs/{name}/prompt")
-    def prompt(name: str, text: str = Query(..., max_length=MAX_TEXT_CHARS)) -> dict:
-        return get(name).prompt(text)
+    def prompt(name: str, text: str = Query(..., max_length=MAX_TEXT_CHARS)) -> JSONResponse:
+        return JSONResponse(get(name).prompt(text))
 
     return app
