@@ -347,6 +347,9 @@ def test_mlsae_serve_starts_from_the_command_line_and_refuses_a_bad_run(explorer
         else:
             raise AssertionError("mlsae serve did not answer")
         assert [r["name"] for r in runs] == ["mlsae", "concat"]
+        said = [server.stdout.readline() for _ in range(4)]  # the rest of "opening", "serving", then the warm-up
+        assert any(line.startswith("serving 2 run(s) at http://127.0.0.1:") for line in said)
+        assert "ready: the latent pages of mlsae\n" in said
     finally:
         server.terminate()
         server.wait(timeout=20)

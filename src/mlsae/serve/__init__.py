@@ -38,7 +38,22 @@ def serve(runs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
         print(f"warning: serving on {host}, not loopback: anyone who reaches this address can read the runs (there is no login)")
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {len(app.state.runs)} run(s) at http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
+    threading.Thread(target=warm_up, args=(app.state.runs.values(),), daemon=True).start()
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def warm_up(runs) -> None:
+    """Load what the first latent page of each analysed run needs (its coder, its tokenizer) while
+    the user finds the page; the language model still loads on the first prompt."""
+    for run in runs:
+        if not run.analysed:
+            continue
+        try:
+            run.coder()
+            run.shelf.tokens(run.meta["model"])
+            print(f"ready: the latent pages of {run.name}", flush=True)
+        except Exception as e:  # the page that needs it will say why; the server goes on
+            print(f"warning: could not prepare {run.name}'s latent pages: {e}", flush=True)
 
 
 def check_port(host: str, port: int) -> None:

@@ -91,7 +91,10 @@ function examples(d) {
 try {
   await header("latent");
   const suffix = layer === null ? "" : `?layer=${encodeURIComponent(layer)}`;
+  const wait = el("p", { class: "note", id: "wait", text: "Loading the latent (the first page of a run loads its coder and tokenizer)…" });
+  main.append(wait);
   const d = await api(`/api/runs/${encodeURIComponent(runName)}/latents/${latent}${suffix}`);
+  wait.remove();
   const name = d.dictionary_layer === null ? `Latent ${latent}` : `Latent ${latent} of layer ${d.dictionary_layer}'s dictionary`;
   document.title = `mlsae explorer · ${runName} · ${name}`;
   main.append(el("h1", { text: name }));
@@ -105,5 +108,6 @@ try {
   nearest(d);
   examples(d);
 } catch (e) {
+  document.getElementById("wait")?.remove();
   showError(e.message);
 }
