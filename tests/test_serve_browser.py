@@ -82,7 +82,8 @@ def test_a_latent_page_draws_its_profile_histogram_examples_and_nearest(page, si
     assert page.locator("#histogram-chart rect.bar").count() > 0
     assert page.locator("#examples .example .hit").count() == page.locator("#examples .example").count()  # every example highlights its token
     assert page.locator("#nearest a.latent-link").count() == 10
-    page.select_option("#example-layer", index=1)
+    assert page.locator("#example-list h3").count() == 3  # the three strongest layers first
+    page.select_option("#example-layer", index=2)  # one layer
     assert page.locator("#example-list h3").count() == 1
     page.locator("#nearest a.latent-link").first.click()
     page.wait_for_url(re.compile(r"/runs/mlsae/latents/\d+$"))

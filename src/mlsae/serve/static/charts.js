@@ -45,7 +45,8 @@ function axes(g, x0, y0, w, h, xs, ys, fx, fy, labels) {
   }
   for (const v of ys) {
     const t = svg("text", { x: x0 - 4, y: fy(v) + 4, "text-anchor": "end", class: "tick" }, g);
-    t.textContent = Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-2) ? v.toExponential(0) : v;
+    t.textContent = Number.isInteger(v) && Math.abs(v) < 1e7 ? v.toLocaleString("en")
+      : Math.abs(v) >= 1e7 || (v !== 0 && Math.abs(v) < 1e-2) ? v.toExponential(0) : v;
   }
   if (labels.x) svg("text", { x: x0 + w / 2, y: y0 + h + 30, "text-anchor": "middle", class: "label" }, g).textContent = labels.x;
   if (labels.y) {

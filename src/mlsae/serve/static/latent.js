@@ -52,10 +52,12 @@ function nearest(d) {
   box.append(table(["latent", "cosine"], d.nearest, { latent: (v, r) => latentLink(runName, v, r.dictionary_layer) }));
 }
 
+const SHOWN = (t) => t.replace(/\n/g, "↵").replace(/\t/g, "⇥");  // one line per example
+
 function example(row) {
   const line = el("div", { class: "example" });
   line.append(el("span", { class: "act", text: fmt(row.activation, 3) }));
-  row.tokens.forEach((t, i) => line.append(el("span", { class: i === row.context_index ? "hit" : null, text: t })));
+  row.tokens.forEach((t, i) => line.append(el("span", { class: i === row.context_index ? "hit" : null, text: SHOWN(t) })));
   return line;
 }
 
@@ -74,13 +76,15 @@ function examples(d) {
   const layers = [...new Set(d.examples.map((r) => r.layer))];
   const best = Object.fromEntries(layers.map((l) => [l, Math.max(...d.examples.filter((r) => r.layer === l).map((r) => r.activation))]));
   layers.sort((a, b) => best[b] - best[a]);
-  const pick = el("select", { id: "example-layer" }, el("option", { value: "all", text: "every layer (strongest first)" }),
+  const pick = el("select", { id: "example-layer" }, el("option", { value: "top", text: "the 3 strongest layers" }),
+    el("option", { value: "all", text: "every layer (strongest first)" }),
     ...layers.map((l) => el("option", { value: l, text: `layer ${l} (max ${fmt(best[l], 3)})` })));
   const list = el("div", { id: "example-list" });
   box.append(el("div", { class: "controls" }, el("label", {}, "show ", pick)), list);
   function show() {
     list.replaceChildren();
-    for (const l of pick.value === "all" ? layers : [Number(pick.value)]) {
+    const shown = pick.value === "top" ? layers.slice(0, 3) : pick.value === "all" ? layers : [Number(pick.value)];
+    for (const l of shown) {
       list.append(el("h3", { text: `layer ${l}` }), ...d.examples.filter((r) => r.layer === l).map(example));
     }
   }
