@@ -405,3 +405,20 @@ def test_the_table_pages_through_a_hundred_and_twenty_thousand_latents(explorer_
             assert heat["rows"][r] == pytest.approx(p[r * per : (r + 1) * per].mean(0).tolist(), abs=1e-4)
             assert heat["mean_layer_lo"][r] == pytest.approx(mean_layer[live[r * per]])
             assert heat["mean_layer_hi"][r] == pytest.approx(mean_layer[live[min((r + 1) * per, len(live)) - 1]])
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_latents_examples_are_read_from_the_row_groups_holding_it(explorer_runs, tmp_path, statistics):
+    """Row groups of 7 rows: most latents span two or more; without statistics every group is read."""
+    from mlsae.serve.explorer import ExampleFile
+
+    source = table(explorer_runs["mlsae"], "examples")
+    pq.write_table(source, tmp_path / "e.parquet", row_group_size=7, write_statistics=statistics)
+    f = ExampleFile(tmp_path / "e.parquet")
+    assert f.file.metadata.num_row_groups > 100
+    frame = source.to_pandas()
+    for latent in (0, 3, 17, 63, 64):
+        want = frame[frame.latent == latent].sort_values(["layer", "rank"])
+        got = f.of(latent)
+        assert [(r["layer"], r["rank"], r["window"], r["position"]) for r in got] == list(zip(want.layer, want["rank"], want.window, want.position))
+        assert [r["context_ids"] for r in got] == [list(c) for c in want.context_ids]

@@ -1,8 +1,8 @@
 """What the explorer shows of one run, as plain data: no HTTP here.
 
 A :class:`ServedRun` reads a run folder through :mod:`mlsae.runs` and its tables with DuckDB
-(small tables copied into an in-memory database once; the large examples table queried in
-place, one latent's row groups at a time), and answers the explorer's questions: the overview,
+(the per-latent tables copied into an in-memory database once) and pyarrow (the large examples
+table read in place, one latent's row groups at a time), and answers the explorer's questions: the overview,
 a page of the latent table, one latent, one prompt. The coder (for nearest latents and prompts)
 and the language model (for prompts) are loaded on the first question that needs them.
 
@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 
 import duckdb
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -138,6 +139,34 @@ class ModelShelf:
         return found
 
 
+class ExampleFile:
+    """``examples.parquet`` (sorted by latent), read a latent at a time: the row groups holding it
+    are found from their latent min/max statistics and only those are read (a few milliseconds
+    where a query over the file took 15-45). Reads are one at a time (one open file)."""
+
+    COLUMNS = ["latent", "layer", "rank", "activation", "window", "position", "context_ids", "context_index"]
+
+    def __init__(self, path: Path):
+        self.file = pq.ParquetFile(path)
+        self._lock = threading.Lock()
+        meta = self.file.metadata
+        column = self.file.schema_arrow.get_field_index("latent")
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+        known = all(s is not None and s.has_min_max for s in stats)
+        self.lo = np.array([s.min if known else -1 for s in stats], dtype=np.int64)
+        self.hi = np.array([s.max if known else 2**62 for s in stats], dtype=np.int64)
+
+    def of(self, latent: int) -> list[dict]:
+        """The latent's rows, by layer then rank."""
+        groups = np.nonzero((self.lo <= latent) & (self.hi >= latent))[0].tolist()
+        if not groups:
+            return []
+        with self._lock:
+            table = self.file.read_row_groups(groups, columns=self.COLUMNS)
+        table = table.filter(pc.equal(table.column("latent"), latent)).sort_by([("layer", "ascending"), ("rank", "ascending")])
+        return table.drop(["latent"]).to_pylist()
+
+
 class ServedRun:
     """One run folder, opened read-only for the explorer."""
 
@@ -159,7 +188,6 @@ class ServedRun:
         self.ctx = int(self.meta.get("train", {}).get("ctx") or 2048)
         self.tables = self.folder / "analysis"
         self._db = duckdb.connect()
-        self._db.execute("SET enable_object_cache = true")  # the examples file's footer parsed once, not per latent
         self._lock = threading.Lock()
         self._run: Optional[RunSpec] = None  # the coder, loaded on first need
         self._model_checked = False
@@ -170,9 +198,12 @@ class ServedRun:
         self.analysed = not missing
         self._why_not = (f"run {self.name} has no analysis tables yet" if len(missing) == len(self.REQUIRED) + 1
                          else f"run {self.name}'s analysis is incomplete (no {', '.join(missing)})")
+        self._examples: Optional[ExampleFile] = None
         if self.analysed:
             self.summary = json.loads((self.tables / "summary.json").read_text())
             self._load_tables()
+            if self._table("examples"):
+                self._examples = ExampleFile(self._table("examples"))
 
     # ----------------------------------------------------------------------------------------
     # Tables
@@ -375,30 +406,32 @@ class ServedRun:
         A joint latent's activity at a layer is its one activation times its decoder's share there,
         so every layer ranks the same tokens: they are listed once (``layer`` null), with the
         activation summed over layers, which is the code's own."""
-        path = self._table("examples")
-        if path is None:
+        if self._examples is None:
             return [], None
+        found = self._examples.of(latent)
         if self.latent_space == "joint":
-            sql = ('SELECT NULL AS layer, "window", position, sum(activation) AS activation, any_value(context_ids) AS context_ids, '
-                   'any_value(context_index) AS context_index FROM read_parquet(?) WHERE latent = ? '
-                   'GROUP BY "window", position ORDER BY activation DESC, "window", position LIMIT ?')
-            rows = self._query(sql, [str(path), latent, per_layer])
+            tokens: dict[tuple[int, int], dict] = {}
+            for row in found:
+                key = (row["window"], row["position"])
+                if key in tokens:
+                    tokens[key]["activation"] += row["activation"]
+                else:
+                    tokens[key] = {**row, "layer": None}
+            rows = sorted(tokens.values(), key=lambda r: (-r["activation"], r["window"], r["position"]))[:per_layer]
             for rank, row in enumerate(rows):
                 row["rank"] = rank
         else:
-            sql = ('SELECT layer, rank, activation, "window", position, context_ids, context_index FROM read_parquet(?) '
-                   "WHERE latent = ? AND rank < ?" + (" AND layer = ?" if layer is not None else "") + " ORDER BY layer, rank")
-            rows = self._query(sql, [str(path), latent, per_layer, *([layer] if layer is not None else [])])
+            rows = [r for r in found if r["rank"] < per_layer and (layer is None or r["layer"] == layer)]
         if not rows:
             return rows, None
         try:
-            tokens = self.shelf.tokens(self.meta["model"])
+            text = self.shelf.tokens(self.meta["model"])
         except Unanswerable as e:  # the rest of the page needs no tokenizer: token ids instead of text
             for row in rows:
                 row["tokens"] = [f"[{i}]" for i in row.pop("context_ids")]
             return rows, e.message
         for row in rows:
-            row["tokens"] = tokens(row.pop("context_ids"))
+            row["tokens"] = text(row.pop("context_ids"))
         return rows, None
 
     def decoders(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
