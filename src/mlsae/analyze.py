@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .activations import check_finite
 from .analysis import (
-    ActivationHistogram, Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, block_norm_table, block_norms, decoder_cosines,
-    decoder_geometry, flow_by_bucket, flow_items, information_flow, joint_latents, most_active, prompt_heatmap,
+    ActivationHistogram, Drift, LayerDistribution, LayerMeans, TopExamples, attach_context, block_norm_table, block_norms,
+    decoder_cosines, decoder_geometry, flow_by_bucket, flow_items, information_flow, joint_latents, most_active, prompt_heatmap,
 )
 from .config import JointAnalysisConfig, save_json
 from .dist import World, device_for, world

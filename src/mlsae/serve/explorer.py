@@ -164,7 +164,7 @@ class ExampleFile:
         with self._lock:
             table = self.file.read_row_groups(groups, columns=self.COLUMNS)
         table = table.filter(pc.equal(table.column("latent"), latent)).sort_by([("layer", "ascending"), ("rank", "ascending")])
-        return table.drop(["latent"]).to_pylist()
+        return table.select(self.COLUMNS[1:]).to_pylist()
 
 
 class ServedRun:
