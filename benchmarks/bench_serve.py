@@ -164,7 +164,7 @@ def main() -> None:
                 "note": "loopback, server and clients in one process on the same cores; the first request of each kind (loading the "
                         "tokenizer, the coder, the model) is timed apart"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta_out, "rows": rows, "screenshots": shots}, indent=1))
+    Path(args.out).write_text(json.dumps({"meta": meta_out, "rows": rows, "screenshots": [Path(p).name for p in shots]}, indent=1))
     print(f"written to {args.out}" + (f"; screenshots in {args.screenshots}" if shots else ""))
 
 
