@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -60,16 +60,18 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu", allowed_hosts
             raise Unanswerable(404, f"run {name!r} is not served here; served: {', '.join(runs)}")
         return runs[name]
 
-    def page(file: str, name: Optional[str] = None):
+    shell = (STATIC / "page.html").read_text()  # every page is this shell and its own script
+
+    def page(script: str, name: Optional[str] = None):
         if name is not None:
             get(name)  # an unknown run is a 404, not an empty page
-        return FileResponse(STATIC / file, media_type="text/html")
+        return HTMLResponse(shell.replace("{page}", script))
 
     # --- pages -------------------------------------------------------------------------------
 
     @app.get("/", include_in_schema=False)
     def index():
-        return RedirectResponse(f"/runs/{next(iter(runs))}") if len(runs) == 1 else page("index.html")
+        return RedirectResponse(f"/runs/{next(iter(runs))}") if len(runs) == 1 else page("index")
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():
@@ -77,15 +79,15 @@ def create_app(folders: Sequence[str | Path], device: str = "cpu", allowed_hosts
 
     @app.get("/runs/{name}", include_in_schema=False)
     def overview_page(name: str):
-        return page("overview.html", name)
+        return page("overview", name)
 
     @app.get("/runs/{name}/latents/{latent}", include_in_schema=False)
     def latent_page(name: str, latent: int):
-        return page("latent.html", name)
+        return page("latent", name)
 
     @app.get("/runs/{name}/prompt", include_in_schema=False)
     def prompt_page(name: str):
-        return page("prompt.html", name)
+        return page("prompt", name)
 
     # --- API -----------------------------------------------------------------------------------
 
