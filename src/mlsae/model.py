@@ -295,12 +295,13 @@ def load_tokenizer(spec: str):
         return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "auto") -> ResidualModel:
-    """Load a causal LM and its tokenizer from a hub id, a local folder or a .gguf file."""
+def load_model(spec: str, dtype: str = "float32", device: str = "auto", tokenizer=None) -> ResidualModel:
+    """Load a causal LM and its tokenizer from a hub id, a local folder or a .gguf file
+    (``tokenizer``: one already loaded from the same spec, not read again)."""
     import transformers
 
     path, kwargs = _source(spec)
-    tokenizer = load_tokenizer(spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     with _loading(spec):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **{_dtype_argument(): parse_dtype(dtype, "model dtype")}, **kwargs)
     model.to(resolve_device(device))

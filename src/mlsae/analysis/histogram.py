@@ -28,8 +28,9 @@ class ActivationHistogram:
     """Counts of each latent's firings per bin, from codes ``[tokens, code_rows, k]``.
 
     ``n_rows``: code rows per token (layers; 1 for a joint code). ``per_layer``: the rows are
-    layers of a bank of per-layer dictionaries, so latent ``i`` of row ``l`` is its own latent (one histogram per dictionary layer and latent); otherwise
-    a latent id names the same latent in every row.
+    layers of a bank of per-layer dictionaries, so latent ``i`` of row ``l`` is its own latent
+    (one histogram per dictionary layer and latent); otherwise a latent id names the same latent
+    in every row.
     """
 
     SUMMED = ("counts",)

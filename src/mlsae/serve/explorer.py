@@ -113,8 +113,10 @@ class ModelShelf:
 
         with self._spec_lock(spec):
             if spec not in self._models:
+                known = self._tokens.get(spec)  # a tokenizer the latent pages loaded is not read again
                 try:
-                    self._models[spec] = load_model(spec, device=self.device)
+                    self._models[spec] = load_model(spec, device=self.device,
+                                                    tokenizer=known.tokenizer if isinstance(known, TokenText) else None)
                 except MlsaeError as e:
                     raise Unanswerable(503, f"the run's model cannot be loaded here: {e}") from None
             yield self._models[spec]
